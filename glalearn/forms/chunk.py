@@ -1,0 +1,269 @@
+"""The chunkwise form of GLA (chapter 3), with a hand-written backward (chapter 5).
+
+Split the sequence into chunks of C tokens. Inside chunk n, with the chunk-local cumulative log decay
+G_i = g_{nC+1} + ... + g_{nC+i} (so Λ_i = exp(G_i), Γ_i = exp(γ - G_i), γ = G_C in the paper's names):
+
+    S_{n+1} = Diag(exp(γ_n)) S_n + (K_n ⊙ Γ_n)^T V_n                       state passed between chunks
+    O_n     = scale * (Q_n ⊙ Λ_n) S_n                                        inter-chunk: the past
+            + P_n V_n,   P_n[i, j] = scale * Σ_k q_ik k_jk exp(G_ik - G_jk)  intra-chunk, j <= i
+
+Only N = T / C steps are sequential; everything else is a batched product. The intra-chunk scores are
+computed in log space (every exponent <= 0), so the form is exact for every legal gate; chapter 4
+makes that part matmul-shaped. Cost: O(T·C·K) for the scores, O(T·K·V) for states and outputs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from glalearn.forms._contract import check_power_of_two, empty_result, validate
+
+# The intra-chunk score tensors [chunks, C, C, K] are processed in groups of at most this many elements.
+_GROUP_ELEMENTS = 1 << 22
+
+
+# ----------------------------------------------------------------------------- layout helpers
+def to_chunks(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """[B, T, H, D] -> [B, H, N, C, D], zero-padding T up to N * C (chapter 3).
+
+    Zero padding is harmless: padded k and v add nothing to the state, and a padded g = 0 means
+    "no decay", so the state leaves the last chunk unchanged by the padding.
+    """
+    B, T, H, D = x.shape
+    N = -(-T // chunk_size)
+    x = x.transpose(1, 2)
+    if N * chunk_size != T:
+        x = torch.nn.functional.pad(x, (0, 0, 0, N * chunk_size - T))
+    return x.reshape(B, H, N, chunk_size, D)
+
+
+def from_chunks(x: torch.Tensor, T: int) -> torch.Tensor:
+    """[B, H, N, C, D] -> [B, T, H, D], dropping the padding (chapter 3)."""
+    B, H, N, C, D = x.shape
+    return x.reshape(B, H, N * C, D)[:, :, :T].transpose(1, 2)
+
+
+def chunk_local_cumsum(g_chunks: torch.Tensor) -> torch.Tensor:
+    """G = log Λ: cumulative log decay inside each chunk. [..., C, K] -> [..., C, K] (chapter 3).
+
+    Accumulated in float64: under strong gates G reaches hundreds, and a float32 prefix sum of that
+    size keeps only ~1e-5 of the small differences G_i - G_j that the exponents need. Every consumer
+    takes a difference first and rounds to the compute dtype just before exp.
+    """
+    return g_chunks.to(torch.float64).cumsum(dim=-2)
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """a @ b with both operands rounded to ``dtype`` (None: as given); result in a's dtype (chapter 4)."""
+    if dtype is None or dtype == a.dtype:
+        return a @ b
+    return (a.to(dtype) @ b.to(dtype)).to(a.dtype)
+
+
+# ----------------------------------------------------------------------------- the forward pieces
+def chunk_states(
+    k_chunks: torch.Tensor,
+    v_chunks: torch.Tensor,
+    G: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    matmul_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inter-chunk recurrence S_{n+1} = Diag(exp(γ_n)) S_n + (K_n ⊙ Γ_n)^T V_n (chapter 3).
+
+    Args:
+        k_chunks: [B, H, N, C, K];  v_chunks: [B, H, N, C, V];  G: chunk-local cumulative log decay.
+        initial_state: S_0 [B, H, K, V] or None (zeros).
+        matmul_dtype: dtype of the operands of the update product (chapter 4); states stay in G's dtype.
+    Returns:
+        (states [B, H, N, K, V]: the state entering each chunk, final_state [B, H, K, V]).
+    """
+    B, H, N, _, K = k_chunks.shape
+    V = v_chunks.shape[-1]
+    dt = k_chunks.dtype
+    gamma = G[:, :, :, -1, :]  # [B, H, N, K] log decay over the whole chunk
+    # Every chunk's own contribution in one batched product; exp(γ - G) <= 1, never overflows.
+    k_decayed = k_chunks * (gamma.unsqueeze(-2) - G).to(dt).exp()
+    updates = matmul(k_decayed.transpose(-1, -2), v_chunks, matmul_dtype)
+    decay = gamma.to(dt).exp().unsqueeze(-1)  # [B, H, N, K, 1]
+    state = k_chunks.new_zeros((B, H, K, V)) if initial_state is None else initial_state
+    states = []
+    for n in range(N):  # the only sequential loop: N = T / C steps
+        states.append(state)
+        state = decay[:, :, n] * state + updates[:, :, n]
+    return torch.stack(states, dim=2), state
+
+
+def log_space_scores(q: torch.Tensor, k: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """P[i, j] = Σ_k q_ik k_jk exp(G_ik - G_jk) for j <= i, else 0 (chapter 3).
+
+    Args: q, k, G: [..., C, K]. Returns: [..., C, C]. Every exponent is <= 0, so nothing overflows.
+    Differentiable in q, k and G (the G gradient by the gate-gradient trick, chapter 5).
+    """
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, G)):
+        return _LogSpaceScores.apply(q, k, G)
+    return _log_space_scores(q, k, G)
+
+
+def _log_space_scores(q: torch.Tensor, k: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    *lead, C, K = q.shape
+    q3, k3, G3 = (x.reshape(-1, C, K) for x in (q, k, G))
+    out = q3.new_empty((q3.shape[0], C, C))
+    upper = ~torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    step = max(1, _GROUP_ELEMENTS // (C * C * K))
+    for a in range(0, q3.shape[0], step):
+        b = min(q3.shape[0], a + step)
+        E = (G3[a:b, :, None, :] - G3[a:b, None, :, :]).to(q.dtype)  # [m, i, j, K]: G_i - G_j
+        E.masked_fill_(upper[..., None], float("-inf")).exp_().mul_(k3[a:b, None, :, :])
+        out[a:b] = (E.reshape(-1, C, K) @ q3[a:b].reshape(-1, K, 1)).reshape(b - a, C, C)
+    return out.reshape(*lead, C, C)
+
+
+def log_space_scores_backward(
+    dP: torch.Tensor, q: torch.Tensor, k: torch.Tensor, G: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`log_space_scores` with respect to q and k, holding G fixed (chapter 5).
+
+    dq_ik = Σ_j dP_ij k_jk exp(G_ik - G_jk),  dk_jk = Σ_i dP_ij q_ik exp(G_ik - G_jk).
+    The gradient with respect to G follows from these by the gate-gradient trick.
+    """
+    C, K = q.shape[-2:]
+    q3, k3, G3 = (x.reshape(-1, C, K) for x in (q, k, G))
+    dP3 = dP.reshape(-1, C, C)
+    dq, dk = torch.empty_like(q3), torch.empty_like(k3)
+    upper = ~torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    step = max(1, _GROUP_ELEMENTS // (C * C * K))
+    for a in range(0, q3.shape[0], step):
+        b, m = min(q3.shape[0], a + step), min(q3.shape[0], a + step) - a
+        E = (G3[a:b, :, None, :] - G3[a:b, None, :, :]).to(q.dtype)  # [m, i, j, K]
+        E.masked_fill_(upper[..., None], float("-inf")).exp_()
+        dq[a:b] = (dP3[a:b].reshape(-1, 1, C) @ (E * k3[a:b, None, :, :]).reshape(-1, C, K)).reshape(m, C, K)
+        ET = E.transpose(1, 2).mul_(q3[a:b, None, :, :])  # [m, j, i, K]: exp(G_i - G_j) q_i
+        dk[a:b] = (dP3[a:b].transpose(1, 2).reshape(-1, 1, C) @ ET.reshape(-1, C, K)).reshape(m, C, K)
+    return dq.reshape(q.shape), dk.reshape(k.shape)
+
+
+class _LogSpaceScores(torch.autograd.Function):
+    """Autograd for :func:`log_space_scores`; dG_i = q_i ⊙ dq_i - k_i ⊙ dk_i (the diagonal cancels)."""
+
+    @staticmethod
+    def forward(ctx, q, k, G):
+        ctx.save_for_backward(q, k, G)
+        return _log_space_scores(q, k, G)
+
+    @staticmethod
+    def backward(ctx, dP):
+        q, k, G = ctx.saved_tensors
+        diag = dP.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)
+        dq, dk = log_space_scores_backward(dP.tril(-1), q, k, G)
+        dG = (q * dq - k * dk).to(G.dtype)
+        return dq + diag * k, dk + diag * q, dG
+
+
+def reverse_cumsum(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """y_t = Σ_{i >= t} x_i along ``dim`` (chapter 5: d g_t = Σ_{i >= t} d log b_i)."""
+    return x.flip(dim).cumsum(dim).flip(dim)
+
+
+# ----------------------------------------------------------------------------- autograd
+class ChunkGLAFunction(torch.autograd.Function):
+    """The chunk form with a hand-written backward (chapter 5).
+
+    The forward keeps no chunk states for the backward: it saves only q, k, v, g and S_0 and
+    recomputes the N chunk states there (N·K·V numbers, never the T·K·V per-step states).
+    The gate gradient uses the paper's trick: d log b_t = q_t ⊙ dq_t - k_t ⊙ dk_t, then
+    d g_t = Σ_{i >= t} d log b_i (a reverse cumulative sum).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, initial_state, scale, chunk_size, output_final_state):
+        T = q.shape[1]
+        qc, kc, vc, gc = (to_chunks(x, chunk_size) for x in (q, k, v, g))
+        G = chunk_local_cumsum(gc)
+        states, final = chunk_states(kc, vc, G, initial_state)
+        o = scale * ((qc * G.to(qc.dtype).exp()) @ states) + scale * (_log_space_scores(qc, kc, G) @ vc)
+        ctx.save_for_backward(q, k, v, g, initial_state)
+        ctx.scale, ctx.chunk_size = scale, chunk_size
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not zeros
+        return from_chunks(o, T), final
+
+    @staticmethod
+    def backward(ctx, do, dfinal):
+        q, k, v, g, initial_state = ctx.saved_tensors
+        scale, C, T = ctx.scale, ctx.chunk_size, q.shape[1]
+        if do is None:
+            do = torch.zeros(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
+        qc, kc, vc, gc, doc = (to_chunks(x, C) for x in (q, k, v, g, do))
+        G = chunk_local_cumsum(gc)
+        states, final = chunk_states(kc, vc, G, initial_state)  # recomputed, not stored
+        gamma = G[:, :, :, -1:, :]
+        q_decay = G.to(qc.dtype).exp()  # Λ
+        q_decayed = qc * q_decay  # Q ⊙ Λ
+        k_decay = (gamma - G).to(qc.dtype).exp()  # Γ
+        # d S_n: the gradient reaching the state entering chunk n, walked backwards through the chunks.
+        local = scale * q_decayed.transpose(-1, -2) @ doc  # [B, H, N, K, V] from O_n's inter term
+        decay = gamma.squeeze(-2).to(qc.dtype).exp().unsqueeze(-1)
+        d_state = torch.zeros_like(final) if dfinal is None else dfinal
+        d_leaving = []  # gradient at S_{n+1}, the state leaving chunk n
+        for n in reversed(range(qc.shape[2])):
+            d_leaving.append(d_state)
+            d_state = decay[:, :, n] * d_state + local[:, :, n]
+        d_leaving = torch.stack(d_leaving[::-1], dim=2)
+        # Intra-chunk part, log space. The diagonal pairs (i = j, decay exp(0) = 1) are kept apart:
+        # they add q_i k_i dP_ii to both q ⊙ dq and k ⊙ dk, which cancel exactly in the gate gradient,
+        # and computing them twice would leave only their rounding error behind.
+        P = _log_space_scores(qc, kc, G)
+        dP = doc @ vc.transpose(-1, -2)
+        dP_diag = scale * dP.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)  # [B, H, N, C, 1]
+        dq, dk = log_space_scores_backward(dP.tril(-1), qc, kc, G)
+        dq, dk = scale * dq, scale * dk
+        dv = scale * P.transpose(-1, -2) @ doc
+        # Inter-chunk part: O_n = scale (Q⊙Λ) S_n and S_{n+1} = ... + (K⊙Γ)^T V.
+        dq = dq + scale * (doc @ states.transpose(-1, -2)) * q_decay
+        dk = dk + (vc @ d_leaving.transpose(-1, -2)) * k_decay
+        dv = dv + (kc * k_decay) @ d_leaving
+        # The gate-gradient trick: d log b_t = q_t ⊙ dq_t - k_t ⊙ dk_t, then a reverse cumulative sum.
+        # The sum runs inside each chunk; what all later chunks add up to is the sensitivity of the
+        # loss to the state leaving the chunk, Σ_v S_{n+1} ⊙ dS_{n+1}. Mathematically the same as one
+        # sum over T, but the rounding of far-away terms (which cancel exactly) does not pile up.
+        d_log_b = (qc * dq - kc * dk).to(torch.float64)
+        leaving = torch.cat([states[:, :, 1:], final.unsqueeze(2)], dim=2)
+        later = (leaving * d_leaving).sum(-1, dtype=torch.float64).unsqueeze(-2)  # [B, H, N, 1, K]
+        dg = from_chunks((reverse_cumsum(d_log_b, dim=-2) + later).to(qc.dtype), T)
+        dq, dk, dv = (from_chunks(x, T) for x in (dq + dP_diag * kc, dk + dP_diag * qc, dv))
+        d_initial = d_state if initial_state is not None else None
+        return dq, dk, dv, dg, d_initial, None, None, None
+
+
+def chunk_gla(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """GLA in chunks: states passed between chunks, parallel inside (chapters 3 and 5).
+
+    Args:
+        q, k: [B, T, H, K];  v: [B, T, H, V];  g: [B, T, H, K] log forget gates (<= 0).
+        scale: multiplies q; default K ** -0.5.
+        initial_state: S_0 [B, H, K, V];  output_final_state: also return S_T.
+        chunk_size: C, a power of two; T need not be a multiple of it.
+    Returns:
+        o [B, T, H, V] in q's dtype, and S_T [B, H, K, V] (float32, float64 for float64 inputs) or None.
+
+    Exact for every legal gate (intra-chunk scores in log space). Differentiable through a
+    hand-written backward that recomputes chunk states and uses the gate-gradient trick.
+    """
+    info = validate(q, k, v, g, scale, initial_state)
+    check_power_of_two("chunk_size", chunk_size)
+    if info.T == 0:
+        return empty_result(q, v, initial_state, output_final_state, info)
+    dt = info.compute_dtype
+    S0 = None if initial_state is None else initial_state.to(dt)
+    o, final = ChunkGLAFunction.apply(
+        q.to(dt), k.to(dt), v.to(dt), g.to(dt), S0, info.scale, chunk_size, output_final_state
+    )
+    return o.to(info.out_dtype), (final if output_final_state else None)

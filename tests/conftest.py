@@ -1,0 +1,14 @@
+import os
+
+import pytest
+import torch
+
+# Kernels run in Triton's interpreter on machines without a GPU.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_torch_state():
+    """Each test draws its own fresh random inputs; threads kept to the machine's cores."""
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    yield

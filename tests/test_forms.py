@@ -1,0 +1,194 @@
+"""Every GLA form against the float64 recurrent reference (DESIGN.md §2), values and gradients."""
+
+import itertools
+
+import pytest
+import torch
+
+from glalearn import chunk_gla, parallel_gla, recurrent_gla, two_level_chunk_gla
+from glalearn.numerics import random_gla_inputs, relative_rmse
+
+FORMS = {
+    "recurrent": recurrent_gla,
+    "parallel_log_space": lambda *a, **kw: parallel_gla(*a, log_space=True, **kw),
+    "chunk": chunk_gla,
+    "chunk_16": lambda *a, **kw: chunk_gla(*a, chunk_size=16, **kw),
+    "two_level": two_level_chunk_gla,
+    "two_level_split": lambda *a, **kw: two_level_chunk_gla(*a, diagonal="split", **kw),
+    "two_level_32_8": lambda *a, **kw: two_level_chunk_gla(*a, chunk_size=32, sub_chunk_size=8, **kw),
+}
+SIZES_T = [1, 63, 65, 200]
+SIZES_KV = [(16, 16), (60, 100), (64, 64), (100, 60), (128, 16)]
+NORMALIZERS = [0.1, 1.0, 16.0]
+CASES = [
+    (T, SIZES_KV[i % len(SIZES_KV)], norm, bool(i % 2))
+    for i, (T, norm) in enumerate(itertools.product(SIZES_T, NORMALIZERS))
+]
+
+
+def reference(inputs, final=True):
+    x64 = {n: t.double() for n, t in inputs.items()}
+    return recurrent_gla(**x64, output_final_state=final)
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("T,KV,norm,with_state", CASES, ids=lambda c: str(c))
+def test_form_matches_float64_recurrence(form, T, KV, norm, with_state):
+    K, V = KV
+    inputs = random_gla_inputs(B=2, T=T, H=2, K=K, V=V, gate_normalizer=norm, initial_state=with_state)
+    o_ref, s_ref = reference(inputs)
+    o, s = FORMS[form](**inputs, output_final_state=True)
+    assert o.dtype == torch.float32 and o.shape == (2, T, 2, V)
+    assert s.dtype == torch.float32 and s.shape == (2, 2, K, V)
+    assert relative_rmse(o, o_ref) <= 1e-5
+    assert relative_rmse(s, s_ref) <= 1e-5
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("g_value", [-30.0, -1e-6])
+def test_extreme_gates(form, g_value):
+    """g = -30 per step (everything forgotten at once) and g -> 0 (nothing forgotten)."""
+    inputs = random_gla_inputs(B=1, T=130, H=2, K=16, V=60, initial_state=True)
+    inputs["g"] = torch.full_like(inputs["g"], g_value)
+    o_ref, s_ref = reference(inputs)
+    o, s = FORMS[form](**inputs, output_final_state=True)
+    assert torch.isfinite(o).all() and torch.isfinite(s).all()
+    assert relative_rmse(o, o_ref) <= 1e-5
+    assert relative_rmse(s, s_ref) <= 1e-5
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_mixed_extreme_gates_per_channel(form):
+    """Some channels forget at -30 per step while others barely decay: one exponent range per channel."""
+    inputs = random_gla_inputs(B=1, T=97, H=1, K=16, V=16)
+    g = inputs["g"]
+    g[..., ::2] = -30.0 * torch.rand_like(g[..., ::2])
+    g[..., 1::2] = -1e-4 * torch.rand_like(g[..., 1::2])
+    o_ref, s_ref = reference(inputs)
+    o, s = FORMS[form](**inputs, output_final_state=True)
+    assert relative_rmse(o, o_ref) <= 1e-5 and relative_rmse(s, s_ref) <= 1e-5
+
+
+GRAD_FORMS = ["chunk", "chunk_16", "two_level", "two_level_split", "parallel_log_space", "recurrent"]
+
+
+@pytest.mark.parametrize("form", GRAD_FORMS)
+@pytest.mark.parametrize("T,norm,KV", [(1, 1.0, (16, 16)), (63, 0.1, (16, 60)), (130, 16.0, (60, 16)), (200, 0.1, (64, 100)),
+                                       (65, 1.0, (64, 64))])
+def test_gradients_match_float64_autograd(form, T, norm, KV):
+    K, V = KV
+    inputs = random_gla_inputs(B=2, T=T, H=2, K=K, V=V, gate_normalizer=norm, initial_state=True)
+    names = list(inputs)
+    x64 = {n: t.double().requires_grad_() for n, t in inputs.items()}
+    o, s = recurrent_gla(**x64, output_final_state=True)
+    do, ds = torch.randn_like(o), torch.randn_like(s)
+    ref = torch.autograd.grad((o * do).sum() + (s * ds).sum(), [x64[n] for n in names])
+    x32 = {n: t.detach().clone().requires_grad_() for n, t in inputs.items()}
+    o, s = FORMS[form](**x32, output_final_state=True)
+    got = torch.autograd.grad((o * do.float()).sum() + (s * ds.float()).sum(), [x32[n] for n in names])
+    for name, a, b in zip(names, got, ref):
+        assert relative_rmse(a, b) <= 1e-5, f"d{name}: {relative_rmse(a, b):.2e}"
+
+
+def test_chunk_backward_without_final_state_and_initial_state():
+    inputs = random_gla_inputs(B=1, T=70, H=2, K=16, V=16, gate_normalizer=1.0)
+    x64 = {n: t.double().requires_grad_() for n, t in inputs.items()}
+    o, _ = recurrent_gla(**x64)
+    do = torch.randn_like(o)
+    ref = torch.autograd.grad((o * do).sum(), list(x64.values()))
+    x32 = {n: t.detach().clone().requires_grad_() for n, t in inputs.items()}
+    o, s = chunk_gla(**x32)
+    assert s is None
+    got = torch.autograd.grad((o * do.float()).sum(), list(x32.values()))
+    for a, b in zip(got, ref):
+        assert relative_rmse(a, b) <= 1e-5
+
+
+def test_chunk_backward_matches_gradcheck_in_float64():
+    inputs = random_gla_inputs(B=1, T=9, H=1, K=3, V=2, gate_normalizer=1.0, dtype=torch.float64, initial_state=True)
+    args = [inputs[n].requires_grad_() for n in ("q", "k", "v", "g", "initial_state")]
+
+    def f(q, k, v, g, s0):
+        o, s = chunk_gla(q, k, v, g, initial_state=s0, output_final_state=True, chunk_size=4)
+        return o, s
+
+    assert torch.autograd.gradcheck(f, args)
+
+
+def test_two_level_bfloat16_matmuls_within_5e_3():
+    for norm in NORMALIZERS:
+        inputs = random_gla_inputs(B=2, T=200, H=2, K=64, V=64, gate_normalizer=norm, initial_state=True)
+        o_ref, s_ref = reference(inputs)
+        for diagonal in ("log_space", "split"):
+            o, s = two_level_chunk_gla(**inputs, output_final_state=True, matmul_dtype=torch.bfloat16,
+                                       diagonal=diagonal)
+            assert relative_rmse(o, o_ref) <= 5e-3
+            assert relative_rmse(s, s_ref) <= 5e-3
+            assert relative_rmse(o, o_ref) > 1e-5  # the bf16 rounding really happened
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("form", ["recurrent", "chunk", "two_level"])
+def test_half_inputs_accumulate_in_float32(form, dtype):
+    inputs = random_gla_inputs(B=1, T=65, H=2, K=16, V=16, gate_normalizer=1.0, dtype=dtype)
+    o_ref, _ = reference(inputs)
+    o, s = FORMS[form](**inputs, output_final_state=True)
+    assert o.dtype == dtype and s.dtype == torch.float32
+    assert relative_rmse(o, o_ref) <= 5e-3
+
+
+def test_float64_inputs_stay_float64():
+    inputs = random_gla_inputs(B=1, T=40, H=1, K=8, V=8, dtype=torch.float64, initial_state=True)
+    o_ref, s_ref = reference(inputs)
+    for form in FORMS.values():
+        o, s = form(**inputs, output_final_state=True)
+        assert o.dtype == torch.float64 and s.dtype == torch.float64
+        assert relative_rmse(o, o_ref) <= 1e-12 and relative_rmse(s, s_ref) <= 1e-12
+
+
+def test_naive_parallel_form_overflows_where_log_space_does_not():
+    """Chapter 2's claim: K/B = k·exp(-G) passes float32's e^88 ceiling; the log-space form is exact."""
+    inputs = random_gla_inputs(B=1, T=512, H=2, K=16, V=16, gate_normalizer=1.0)  # about -0.8 per step
+    assert inputs["g"].sum(1).max() < -88  # the cumulative decay really leaves float32's range
+    o_ref, _ = reference(inputs)
+    o_naive, _ = parallel_gla(**inputs, log_space=False)
+    assert not torch.isfinite(o_naive).all()
+    o_log, _ = parallel_gla(**inputs, log_space=True)
+    assert relative_rmse(o_log, o_ref) <= 1e-5
+
+
+def test_naive_parallel_form_fails_sooner_in_float16():
+    inputs = random_gla_inputs(B=1, T=64, H=1, K=16, V=16, gate_normalizer=1.0, dtype=torch.float16)
+    assert inputs["g"].float().sum(1).min() < -11  # past float16's e^11 ceiling
+    o, _ = parallel_gla(**inputs, log_space=False)
+    o_ref, _ = reference(inputs)
+    assert not torch.isfinite(o).all() or relative_rmse(o, o_ref) > 0.1
+    o32, _ = parallel_gla(**{n: t.float() for n, t in inputs.items()}, log_space=False)
+    assert relative_rmse(o32, o_ref) <= 1e-4  # the same input in float32 is still fine
+
+
+def test_naive_parallel_form_is_exact_while_in_range():
+    inputs = random_gla_inputs(B=1, T=32, H=2, K=16, V=16, gate_normalizer=16.0, initial_state=True)
+    o_ref, s_ref = reference(inputs)
+    o, s = parallel_gla(**inputs, log_space=False, output_final_state=True)
+    assert relative_rmse(o, o_ref) <= 1e-5 and relative_rmse(s, s_ref) <= 1e-5
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_empty_sequence_passes_state_through(form):
+    inputs = random_gla_inputs(B=2, T=0, H=3, K=8, V=5, initial_state=True)
+    o, s = FORMS[form](**inputs, output_final_state=True)
+    assert o.shape == (2, 0, 3, 5)
+    assert torch.equal(s, inputs["initial_state"])
+    o, s = FORMS[form](**{n: t for n, t in inputs.items() if n != "initial_state"}, output_final_state=True)
+    assert s.shape == (2, 3, 8, 5) and not s.any()
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_scale_is_applied_to_q(form):
+    inputs = random_gla_inputs(B=1, T=20, H=1, K=8, V=8, initial_state=True)
+    o1, _ = FORMS[form](**inputs, scale=0.37)
+    o_ref, _ = recurrent_gla(**{n: t.double() for n, t in inputs.items()}, scale=0.37)
+    assert relative_rmse(o1, o_ref) <= 1e-5
+    o2, _ = FORMS[form](**inputs)
+    assert relative_rmse(o2 * 0.37 / 8**-0.5, o_ref) <= 1e-5
