@@ -23,12 +23,20 @@ $(STAMP): pyproject.toml
 lab: $(STAMP)
 	cd chapters && ../$(PY) -m jupyter lab --port=$(PORT) $$(ls 00_*.ipynb 2>/dev/null | head -n 1)
 
-# The whole suite: library, kernels under Triton's interpreter, exercises, grader, notebooks (nbval).
-test: $(STAMP)
-	TRITON_INTERPRET=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+NOTEBOOKS := $(wildcard chapters/*.ipynb solutions/*.ipynb)
+NBVAL := --nbval --sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider
 
+# The whole suite in one pytest run: library, kernels under Triton's interpreter, exercises, grader,
+# and every chapter and solution notebook through nbval (outputs compared unless a cell opts out).
+test: $(STAMP)
+	TRITON_INTERPRET=1 MPLBACKEND=Agg $(PY) -m pytest -q $(NBVAL) tests $(NOTEBOOKS) $(PYTEST_ARGS)
+
+# Library, kernel and exercise tests only, without the notebooks.
 test-unit: $(STAMP)
-	TRITON_INTERPRET=1 $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+test-notebooks: $(STAMP)
+	TRITON_INTERPRET=1 MPLBACKEND=Agg $(PY) -m pytest -q $(NBVAL) $(NOTEBOOKS) $(PYTEST_ARGS)
 
 # Re-execute every chapter and solution notebook top to bottom, in place (seeded).
 book: $(STAMP)
