@@ -34,7 +34,7 @@ def to_chunks(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
     x = x.transpose(1, 2)
     if N * chunk_size != T:
         x = torch.nn.functional.pad(x, (0, 0, 0, N * chunk_size - T))
-    return x.reshape(B, H, N, chunk_size, D)
+    return x.reshape(B, H, N, chunk_size, D).contiguous()
 
 
 def from_chunks(x: torch.Tensor, T: int) -> torch.Tensor:
@@ -50,7 +50,7 @@ def chunk_local_cumsum(g_chunks: torch.Tensor) -> torch.Tensor:
     size keeps only ~1e-5 of the small differences G_i - G_j that the exponents need. Every consumer
     takes a difference first and rounds to the compute dtype just before exp.
     """
-    return g_chunks.to(torch.float64).cumsum(dim=-2)
+    return g_chunks.cumsum(dim=-2, dtype=torch.float64)
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -77,17 +77,27 @@ def chunk_states(
     Returns:
         (states [B, H, N, K, V]: the state entering each chunk, final_state [B, H, K, V]).
     """
-    B, H, N, _, K = k_chunks.shape
-    V = v_chunks.shape[-1]
     dt = k_chunks.dtype
     gamma = G[:, :, :, -1, :]  # [B, H, N, K] log decay over the whole chunk
     # Every chunk's own contribution in one batched product; exp(γ - G) <= 1, never overflows.
     k_decayed = k_chunks * (gamma.unsqueeze(-2) - G).to(dt).exp()
     updates = matmul(k_decayed.transpose(-1, -2), v_chunks, matmul_dtype)
-    decay = gamma.to(dt).exp().unsqueeze(-1)  # [B, H, N, K, 1]
-    state = k_chunks.new_zeros((B, H, K, V)) if initial_state is None else initial_state
+    return pass_states(updates, gamma.to(dt).exp(), initial_state)
+
+
+def pass_states(
+    updates: torch.Tensor, decay: torch.Tensor, initial_state: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Walk S_{n+1} = Diag(decay_n) S_n + U_n over the chunks: the only sequential loop (chapter 3).
+
+    Args: updates U: [B, H, N, K, V];  decay exp(γ): [B, H, N, K];  initial_state: [B, H, K, V] or None.
+    Returns: (states entering each chunk [B, H, N, K, V], final state [B, H, K, V]).
+    """
+    B, H, N, K, V = updates.shape
+    decay = decay.unsqueeze(-1)
+    state = updates.new_zeros((B, H, K, V)) if initial_state is None else initial_state
     states = []
-    for n in range(N):  # the only sequential loop: N = T / C steps
+    for n in range(N):  # N = T / C steps
         states.append(state)
         state = decay[:, :, n] * state + updates[:, :, n]
     return torch.stack(states, dim=2), state

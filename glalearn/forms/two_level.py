@@ -8,8 +8,12 @@ C tokens again into sub-chunks of L tokens (paper §4.3, Listing 1). For a query
 
 Both factors are <= 1 (i >= r > j and G only decreases), so the two operands are bounded and can be
 rounded to half precision and multiplied on tensor cores. Only the diagonal sub-chunks (a = b) have
-pairs on both sides of every reference point; they stay in float32 log space, L x L x K per sub-chunk.
-The chunk states and the inter-chunk products are matmuls too, with bounded decays.
+pairs on both sides of every reference point; they stay in float32 log space, L x L x K per sub-chunk
+(or are split again, recursively). The chunk states and the inter-chunk products are matmuls too.
+
+Every exponent is built from small pieces: decays *inside* a sub-chunk (at most L gates summed, in
+float32) and decays *between* sub-chunks (a few numbers per sub-chunk, in float64). So no large
+cumulative sum is ever subtracted from another, and strong gates lose no precision.
 """
 
 from __future__ import annotations
@@ -17,20 +21,73 @@ from __future__ import annotations
 import torch
 
 from glalearn.forms._contract import check_power_of_two, empty_result, validate
-from glalearn.forms.chunk import (
-    chunk_local_cumsum,
-    chunk_states,
-    from_chunks,
-    log_space_scores,
-    matmul,
-    to_chunks,
-)
+from glalearn.forms.chunk import from_chunks, log_space_scores, matmul, pass_states, to_chunks
+
+DIAGONAL_METHODS = ("log_space", "split")
+
+
+def sub_chunk_decays(g_chunks: torch.Tensor, sub_chunk_size: int) -> dict:
+    """The log decays secondary chunking needs, from the gates of each chunk (chapter 4).
+
+    Args:
+        g_chunks: [..., C, K] log gates of each chunk;  sub_chunk_size: L, dividing C.
+    Returns a dict (S = C / L sub-chunks; "a" indexes query sub-chunks, "b" key sub-chunks):
+        "from_first" [..., S, L, K]: G_i - G_r, decay from the sub-chunk's first row r to row i (<= 0)
+        "to_last"    [..., S, L, K]: G_e - G_j, decay from row j to the sub-chunk's last row e (<= 0)
+        "between"    [..., S, S, 1, K]: G_r(a) - G_e(b), from the end of b to the first row of a
+                     (only b < a is meaningful; float64)
+        "from_chunk_start" [..., S, K]: G at the row before sub-chunk s, relative to the chunk start
+                     (float64; G_i = from_chunk_start + first-row gate + from_first)
+        "to_chunk_end" [..., S, K]: γ - G_e(s), from the end of sub-chunk s to the end of the chunk
+        "gamma"      [..., K]: γ, the log decay of the whole chunk (float64)
+    """
+    *lead, C, K = g_chunks.shape
+    L = sub_chunk_size
+    S = C // L
+    local = g_chunks.reshape(*lead, S, L, K).cumsum(-2)  # inside each sub-chunk: at most L gates
+    last = local[..., -1:, :]  # [..., S, 1, K]
+    totals = last.squeeze(-2).double()  # [..., S, K]
+    ends = totals.cumsum(-2)  # G at the last row of each sub-chunk, relative to the chunk start
+    starts = ends - totals  # G just before each sub-chunk
+    first_gate = local[..., 0, :].double()  # g at the first row of each sub-chunk
+    ref = starts + first_gate  # G at the first row of each sub-chunk
+    return {
+        "from_first": local - local[..., :1, :],
+        "to_last": last - local,
+        "between": (ref.unsqueeze(-2) - ends.unsqueeze(-3)).unsqueeze(-2),
+        "from_chunk_start": starts,
+        "to_chunk_end": ends[..., -1:, :] - ends,
+        "gamma": ends[..., -1, :],
+    }
+
+
+def _scores(qs, ks, decays, matmul_dtype, diagonal):
+    """P [..., S, L, S, L] from sub-chunk pieces; see :func:`sub_chunk_scores`."""
+    *lead, S, L, K = qs.shape
+    dt = qs.dtype
+    q_tilde = qs * decays["from_first"].exp()  # exp(G_i - G_ref) <= 1
+    # k̃[a, b] = k_j exp(G_ref(a) - G_j) = k_j exp(G_end(b) - G_j) · exp(G_ref(a) - G_end(b)), both <= 1
+    # for b < a: the first factor per key, the second one number per (a, b, channel).
+    k_to_last = ks * decays["to_last"].exp()
+    earlier = torch.ones(S, S, dtype=torch.bool, device=qs.device).tril(-1)[:, :, None, None]
+    between = decays["between"].masked_fill(~earlier, float("-inf")).to(dt)
+    k_tilde = k_to_last.unsqueeze(-4) * between.exp()  # [..., S_a, S_b, L, K]
+    # One product per query sub-chunk a against all key sub-chunks b at once: [L, K] @ [K, S·L].
+    P = matmul(q_tilde, k_tilde.reshape(*lead, S, S * L, K).transpose(-1, -2), matmul_dtype)
+    P = P.reshape(*lead, S, L, S, L)
+    # Diagonal sub-chunks in float32, relative to their own first row so the exponents stay small.
+    if diagonal == "log_space":
+        P_diag = log_space_scores(qs, ks, decays["from_first"])  # [..., S, L, L]
+    else:
+        P_diag = split_scores(qs, ks, decays["from_first"])
+    same = torch.eye(S, dtype=torch.bool, device=qs.device)[:, None, :, None]
+    return torch.where(same, P_diag.unsqueeze(-2), P)
 
 
 def sub_chunk_scores(
     q: torch.Tensor,
     k: torch.Tensor,
-    G: torch.Tensor,
+    g: torch.Tensor,
     sub_chunk_size: int,
     matmul_dtype: torch.dtype | None = None,
     diagonal: str = "log_space",
@@ -38,44 +95,22 @@ def sub_chunk_scores(
     """The intra-chunk score matrix P [..., C, C] built from sub-chunks (chapter 4).
 
     Args:
-        q, k: [..., C, K];  G: [..., C, K] the chunk-local cumulative log decay (float64 is best).
+        q, k: [..., C, K];  g: [..., C, K] the log gates of each chunk.
         sub_chunk_size: L, dividing C.
         matmul_dtype: dtype of the off-diagonal operands (None: q's dtype).
         diagonal: how the diagonal sub-chunks are computed, both in float32 and exact:
             "log_space" — one exp per (i, j, k) triple, L x L x K per sub-chunk (the paper, the kernel);
             "split" — the sub-chunk trick again, halving down to single tokens (all products).
     Returns:
-        P [..., C, C], lower triangular (diagonal included), in q's dtype.
+        P [..., C, C] with P[i, j] = Σ_k q_ik k_jk exp(G_i - G_j) for j <= i, else 0; in q's dtype.
     """
-    *lead, C, K = q.shape
-    L = sub_chunk_size
-    S = C // L
-    dt = q.dtype
-    qs, ks, Gs = (x.reshape(*lead, S, L, K) for x in (q, k, G))
-    ref = Gs[..., :1, :]  # [..., S, 1, K]: the first row of each query sub-chunk
-    end = Gs[..., -1:, :]  # [..., S, 1, K]: the last row of each key sub-chunk
-    q_tilde = qs * (Gs - ref).to(dt).exp()  # exp(G_i - G_ref) <= 1
-    # k̃[a, b] = k_b exp(G_ref(a) - G_j) = k_b exp(G_end(b) - G_j) · exp(G_ref(a) - G_end(b)), both <= 1
-    # for b < a. The first factor is per key, the second one number per (a, b, channel).
-    k_to_end = ks * (end - Gs).to(dt).exp()
-    between = ref.unsqueeze(-3) - end.unsqueeze(-4)  # [..., S_a, S_b, 1, K]
-    earlier = torch.ones(S, S, dtype=torch.bool, device=q.device).tril(-1)[:, :, None, None]
-    between = between.masked_fill(~earlier, float("-inf")).to(dt)
-    k_tilde = k_to_end.unsqueeze(-4) * between.exp()  # [..., S_a, S_b, L, K]
-    # One product per query sub-chunk a against all key sub-chunks b at once: [L, K] @ [K, S·L].
-    P_pairs = matmul(q_tilde, k_tilde.reshape(*lead, S, S * L, K).transpose(-1, -2), matmul_dtype)
-    P_pairs = P_pairs.reshape(*lead, S, L, S, L).transpose(-3, -2)  # [..., S_a, S_b, L, L]
-    # Diagonal sub-chunks, in float32, relative to their own first row so the exponents stay small.
-    G_local = (Gs - ref).to(dt)
-    if diagonal == "log_space":
-        P_diag = log_space_scores(qs, ks, G_local)  # [..., S, L, L]
-    elif diagonal == "split":
-        P_diag = split_scores(qs, ks, G_local)
-    else:
+    if diagonal not in DIAGONAL_METHODS:
         raise ValueError(f"diagonal must be 'log_space' or 'split', got {diagonal!r}")
-    same = torch.eye(S, dtype=torch.bool, device=q.device)[:, :, None, None]
-    P = torch.where(same, P_diag.unsqueeze(-3), P_pairs)
-    return P.transpose(-3, -2).reshape(*lead, C, C)
+    *lead, C, K = q.shape
+    S = C // sub_chunk_size
+    qs, ks = (x.reshape(*lead, S, sub_chunk_size, K) for x in (q, k))
+    P = _scores(qs, ks, sub_chunk_decays(g, sub_chunk_size), matmul_dtype, diagonal)
+    return P.reshape(*lead, C, C)
 
 
 def split_scores(q: torch.Tensor, k: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
@@ -99,7 +134,11 @@ def split_scores(q: torch.Tensor, k: torch.Tensor, G: torch.Tensor) -> torch.Ten
         q_tilde = qb[..., 1, :, :] * (Gb[..., 1, :, :] - ref).exp()
         k_tilde = kb[..., 0, :, :] * (ref - Gb[..., 0, :, :]).exp()
         block = P.view(*lead, n, 2, h, n, 2, h).diagonal(dim1=-6, dim2=-3)  # [..., 2, h, 2, h, n]
-        block[..., 1, :, 0, :, :] = (q_tilde @ k_tilde.transpose(-1, -2)).movedim(-3, -1)
+        if h == 1:
+            cross = (q_tilde * k_tilde).sum(-1, keepdim=True)  # 1 x 1 blocks: a dot product
+        else:
+            cross = q_tilde @ k_tilde.transpose(-1, -2)
+        block[..., 1, :, 0, :, :] = cross.movedim(-3, -1)
         h //= 2
     return P
 
@@ -140,15 +179,26 @@ def two_level_chunk_gla(
         raise ValueError(f"sub_chunk_size must be <= chunk_size = {chunk_size}, got {sub_chunk_size}")
     if matmul_dtype is not None and matmul_dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise TypeError(f"matmul_dtype must be None or a floating dtype, got {matmul_dtype!r}")
+    if diagonal not in DIAGONAL_METHODS:
+        raise ValueError(f"diagonal must be 'log_space' or 'split', got {diagonal!r}")
     if info.T == 0:
         return empty_result(q, v, initial_state, output_final_state, info)
     dt = info.compute_dtype
-    qc, kc, vc, gc = (to_chunks(x.to(dt), chunk_size) for x in (q, k, v, g))
-    G = chunk_local_cumsum(gc)
+    C, L = chunk_size, sub_chunk_size
+    qc, kc, vc, gc = (to_chunks(x.to(dt), C) for x in (q, k, v, g))
+    *lead, _, K = qc.shape
+    S = C // L
+    decays = sub_chunk_decays(gc, L)
+    qs, ks = qc.reshape(*lead, S, L, K), kc.reshape(*lead, S, L, K)
+    # Chunk states: S_{n+1} = exp(γ) S_n + (K ⊙ Γ)^T V with Γ_j = exp(G_e(s) - G_j) · exp(γ - G_e(s)).
+    k_decayed = ks * decays["to_last"].exp() * decays["to_chunk_end"].to(dt).exp().unsqueeze(-2)
+    updates = matmul(k_decayed.reshape(*lead, C, K).transpose(-1, -2), vc, matmul_dtype)
     S0 = None if initial_state is None else initial_state.to(dt)
-    states, final = chunk_states(kc, vc, G, S0, matmul_dtype)
-    o_inter = matmul(qc * G.to(dt).exp(), states, matmul_dtype)
-    P = sub_chunk_scores(qc, kc, G, sub_chunk_size, matmul_dtype, diagonal)
-    o_intra = matmul(P, vc, matmul_dtype)
-    o = info.scale * (o_inter + o_intra)
+    states, final = pass_states(updates, decays["gamma"].to(dt).exp(), S0)
+    # Inter-chunk output: (Q ⊙ Λ) S_n with Λ_i = exp(G_i) = exp(G before the sub-chunk + g_first) · exp(from_first).
+    ref = decays["from_chunk_start"] + gc.reshape(*lead, S, L, K)[..., 0, :].double()
+    q_decayed = qs * decays["from_first"].exp() * ref.to(dt).exp().unsqueeze(-2)
+    o_inter = matmul(q_decayed.reshape(*lead, C, K), states, matmul_dtype)
+    P = _scores(qs, ks, decays, matmul_dtype, diagonal).reshape(*lead, C, C)
+    o = info.scale * (o_inter + matmul(P, vc, matmul_dtype))
     return from_chunks(o, info.T).to(info.out_dtype), (final if output_final_state else None)
