@@ -9,6 +9,7 @@ TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.glalearn-installed
 PORT   ?= 8888
+LAB_ARGS ?=
 PYTEST_ARGS ?=
 
 .PHONY: lab test test-unit test-notebooks test-browser book exercises bench clean-venv
@@ -20,8 +21,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	@touch $(STAMP)
 
+# JupyterLab in chapters/, opening chapter 0 (root, e.g. in a container, needs --allow-root).
 lab: $(STAMP)
-	cd chapters && ../$(PY) -m jupyter lab --port=$(PORT) $$(ls 00_*.ipynb 2>/dev/null | head -n 1)
+	cd chapters && ../$(PY) -m jupyter lab --port=$(PORT) $$([ "$$(id -u)" = 0 ] && echo --allow-root) \
+		$(LAB_ARGS) $$(ls 00_*.ipynb 2>/dev/null | head -n 1)
 
 NOTEBOOKS := $(wildcard chapters/*.ipynb solutions/*.ipynb)
 NBVAL := --nbval --sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider
