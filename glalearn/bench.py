@@ -20,12 +20,30 @@ import torch
 from glalearn import chunk_gla, parallel_gla, recurrent_gla, two_level_chunk_gla
 from glalearn.numerics import random_gla_inputs
 
+def direct_chunk_prototype(q, k, v, g, chunk_size: int = 64):
+    """The unstable baseline exactness is measured against: intra-chunk (Q⊙Λ)(K/Λ)^T as one product.
+
+    K/Λ = k·exp(-G) overflows float32 once a chunk's cumulative decay passes -88, so this is NOT a
+    form of the library; it only prices what the exact forms pay for their bounded exponents.
+    """
+    from glalearn.forms.chunk import chunk_states, from_chunks, to_chunks
+
+    T, K = q.shape[1], q.shape[-1]
+    qc, kc, vc, gc = (to_chunks(x, chunk_size) for x in (q, k, v, g))
+    G = gc.cumsum(-2)
+    states, _ = chunk_states(kc, vc, G)
+    q_decayed, k_inverse = qc * G.exp(), kc * (-G).exp()
+    P = (q_decayed @ k_inverse.transpose(-1, -2)).tril_()
+    return from_chunks(K**-0.5 * (q_decayed @ states + P @ vc), T), None
+
+
 CPU_FORMS = {
     "recurrent": recurrent_gla,
     "parallel (log space)": lambda **kw: parallel_gla(**kw, log_space=True),
     "chunk (C=64)": chunk_gla,
     "two_level (C=64, L=16)": two_level_chunk_gla,
     "two_level split diag": lambda **kw: two_level_chunk_gla(**kw, diagonal="split"),
+    "direct matmul (unstable)": direct_chunk_prototype,
 }
 
 

@@ -1,4 +1,7 @@
-"""Comparing tensors the way the book does: relative RMSE, max error, and where they first diverge."""
+"""Comparing tensors the way the book does: relative RMSE, max error, and where they first diverge.
+
+Introduced in chapter 1 and used by every chapter, exercise check and test afterwards.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import torch
 
 
 def relative_rmse(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """‖x - ref‖ / ‖ref‖ in float64 (DESIGN.md §2's error measure); 0 when both are zero."""
+    """‖x - ref‖ / ‖ref‖ in float64, for any equal shapes [...] (chapter 1; DESIGN.md §2's error measure)."""
     if x.shape != ref.shape:
         raise ValueError(f"x and ref must have one shape, got {tuple(x.shape)} and {tuple(ref.shape)}")
     x, ref = x.detach().double(), ref.detach().double()
@@ -17,7 +20,7 @@ def relative_rmse(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def max_abs_error(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |x - ref| (inf if x holds a NaN)."""
+    """max |x - ref| over equal shapes [...] (inf if x holds a NaN) (chapter 1)."""
     diff = (x.detach().double() - ref.detach().double()).abs()
     if diff.numel() == 0:
         return 0.0
@@ -25,7 +28,7 @@ def max_abs_error(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def first_divergence(x: torch.Tensor, ref: torch.Tensor, atol: float = 1e-5, rtol: float = 1e-4):
-    """The first index (in row-major order) where x and ref differ beyond atol + rtol·|ref|, or None."""
+    """The first index (row-major) where x and ref [...] differ beyond atol + rtol·|ref|, or None (chapter 1)."""
     x, ref = x.detach().double(), ref.detach().double()
     bad = ~((x - ref).abs() <= atol + rtol * ref.abs())  # NaN counts as bad
     if not bool(bad.any()):
@@ -45,7 +48,9 @@ def random_gla_inputs(
     initial_state: bool = False,
     device: str | torch.device = "cpu",
 ) -> dict:
-    """Fresh random GLA inputs (q, k, v, g[, initial_state]) with the paper's gate statistics.
+    """Fresh random GLA inputs with the paper's gate statistics (chapter 1).
+
+    q, k, g: [B, T, H, K];  v: [B, T, H, V];  initial_state (if asked): [B, H, K, V].
 
     g = logsigmoid(randn) / gate_normalizer: normalizer 16 is the paper's gentle gate, 0.1 a very
     strong one (about -7 per step). Returned as a dict of keyword arguments for any form.
