@@ -129,26 +129,34 @@ def _log_space_scores(q: torch.Tensor, k: torch.Tensor, G: torch.Tensor) -> torc
 
 
 def log_space_scores_backward(
-    dP: torch.Tensor, q: torch.Tensor, k: torch.Tensor, G: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+    dP: torch.Tensor, q: torch.Tensor, k: torch.Tensor, G: torch.Tensor, with_scores: bool = False
+) -> tuple[torch.Tensor, ...]:
     """Gradients of :func:`log_space_scores` with respect to q and k, holding G fixed (chapter 5).
 
     dq_ik = Σ_j dP_ij k_jk exp(G_ik - G_jk),  dk_jk = Σ_i dP_ij q_ik exp(G_ik - G_jk).
     The gradient with respect to G follows from these by the gate-gradient trick.
+    With ``with_scores`` also returns the scores P themselves, from the same exps (the backward
+    needs P for dv and would otherwise compute every exp once more).
     """
     C, K = q.shape[-2:]
     q3, k3, G3 = (x.reshape(-1, C, K) for x in (q, k, G))
     dP3 = dP.reshape(-1, C, C)
     dq, dk = torch.empty_like(q3), torch.empty_like(k3)
+    P = q3.new_empty((q3.shape[0], C, C)) if with_scores else None
     upper = ~torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     step = max(1, _GROUP_ELEMENTS // (C * C * K))
     for a in range(0, q3.shape[0], step):
         b, m = min(q3.shape[0], a + step), min(q3.shape[0], a + step) - a
         E = (G3[a:b, :, None, :] - G3[a:b, None, :, :]).to(q.dtype)  # [m, i, j, K]
         E.masked_fill_(upper[..., None], float("-inf")).exp_()
-        dq[a:b] = (dP3[a:b].reshape(-1, 1, C) @ (E * k3[a:b, None, :, :]).reshape(-1, C, K)).reshape(m, C, K)
+        Ek = (E * k3[a:b, None, :, :]).reshape(-1, C, K)  # exp(G_i - G_j) k_j
+        if with_scores:
+            P[a:b] = (Ek @ q3[a:b].reshape(-1, K, 1)).reshape(m, C, C)
+        dq[a:b] = (dP3[a:b].reshape(-1, 1, C) @ Ek).reshape(m, C, K)
         ET = E.transpose(1, 2).mul_(q3[a:b, None, :, :])  # [m, j, i, K]: exp(G_i - G_j) q_i
         dk[a:b] = (dP3[a:b].transpose(1, 2).reshape(-1, 1, C) @ ET.reshape(-1, C, K)).reshape(m, C, K)
+    if with_scores:
+        return dq.reshape(q.shape), dk.reshape(k.shape), P.reshape(*q.shape[:-1], C)
     return dq.reshape(q.shape), dk.reshape(k.shape)
 
 
@@ -221,10 +229,9 @@ class ChunkGLAFunction(torch.autograd.Function):
         # Intra-chunk part, log space. The diagonal pairs (i = j, decay exp(0) = 1) are kept apart:
         # they add q_i k_i dP_ii to both q ⊙ dq and k ⊙ dk, which cancel exactly in the gate gradient,
         # and computing them twice would leave only their rounding error behind.
-        P = _log_space_scores(qc, kc, G)
         dP = doc @ vc.transpose(-1, -2)
         dP_diag = scale * dP.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)  # [B, H, N, C, 1]
-        dq, dk = log_space_scores_backward(dP.tril(-1), qc, kc, G)
+        dq, dk, P = log_space_scores_backward(dP.tril(-1), qc, kc, G, with_scores=True)
         dq, dk = scale * dq, scale * dk
         dv = scale * P.transpose(-1, -2) @ doc
         # Inter-chunk part: O_n = scale (Q⊙Λ) S_n and S_{n+1} = ... + (K⊙Γ)^T V.
