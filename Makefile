@@ -27,7 +27,7 @@ lab: $(STAMP)
 		$(LAB_ARGS) $$(ls 00_*.ipynb 2>/dev/null | head -n 1)
 
 NOTEBOOKS := $(wildcard chapters/*.ipynb solutions/*.ipynb)
-NBVAL := --nbval --sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider
+NBVAL := --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider
 
 # The whole suite in one pytest run: library, kernels under Triton's interpreter, exercises, grader,
 # and every chapter and solution notebook through nbval (outputs compared unless a cell opts out).
