@@ -1,0 +1,274 @@
+"""GPU benchmark of the GLA kernels (chapter 7): `python -m glalearn.bench kernels --out FILE.json`.
+
+Times, with `triton.testing.do_bench` medians on bf16 inputs, forward and forward+backward of
+  - flash_gla, materialized and non-materialized (this book's kernels),
+  - scaled_dot_product_attention(is_causal=True) with the FlashAttention backend (FlashAttention-2),
+  - fla's chunk_gla, when `fla` (flash-linear-attention) is importable (never a dependency);
+for two configurations, as in the paper's Fig. 2:
+  P1: H = 16, K = V = 64, 65,536 tokens per batch (B = 65536 / T);
+  P2: H = 16, K = V = 128, 16,384 tokens per batch (B = 16384 / T);
+T in {512, 1024, 2048, 4096, 8192, 16384}. Also: peak memory of each call, the device-to-device copy
+bandwidth, the memory-traffic floor of the forward, and each kernel's registers/spills/shared memory.
+Writes a JSON file (with the command, GPU, versions and date) and a PNG plot beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from datetime import datetime, timezone
+
+import torch
+
+PROFILES = {
+    "P1": {"H": 16, "K": 64, "V": 64, "tokens": 65536},
+    "P2": {"H": 16, "K": 128, "V": 128, "tokens": 16384},
+}
+LENGTHS = [512, 1024, 2048, 4096, 8192, 16384]
+
+
+def _median_ms(fn, warmup=25, rep=100) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def _peak_mb(fn) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def copy_bandwidth_gbs(nbytes: int = 2**30) -> float:
+    """Device-to-device copy rate, counting bytes read plus bytes written (GB/s)."""
+    x = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    y = torch.empty_like(x)
+    ms = _median_ms(lambda: y.copy_(x))
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def gla_inputs(B, T, H, K, V, seed=0, dtype=torch.bfloat16):
+    """Random bf16 inputs (paper's gate: g = logsigmoid(randn) / 16) on the GPU."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(B, T, H, K, device="cuda", dtype=dtype, generator=gen)
+    k = torch.randn(B, T, H, K, device="cuda", dtype=dtype, generator=gen)
+    v = torch.randn(B, T, H, V, device="cuda", dtype=dtype, generator=gen)
+    g = (torch.nn.functional.logsigmoid(torch.randn(B, T, H, K, device="cuda", generator=gen)) / 16).to(dtype)
+    return q, k, v, g
+
+
+def methods(include_fla: bool = True) -> dict:
+    """name -> function(q, k, v, g) -> o, for every method available here."""
+    from glalearn.flash import flash_gla
+
+    out = {
+        "flash_gla (materialized)": lambda q, k, v, g: flash_gla(q, k, v, g, materialize=True)[0],
+        "flash_gla (non-materialized)": lambda q, k, v, g: flash_gla(q, k, v, g, materialize=False)[0],
+    }
+
+    def sdpa(q, k, v, g):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    out["FlashAttention-2 (SDPA)"] = sdpa
+    if include_fla:
+        try:
+            from fla.ops.gla import chunk_gla as fla_chunk_gla
+
+            out["fla chunk_gla"] = lambda q, k, v, g: fla_chunk_gla(q, k, v, g)[0]
+        except (ImportError, RuntimeError, AttributeError) as exc:  # fla is optional: report, go on
+            print(f"fla not importable ({type(exc).__name__}: {exc}); timing without it", file=sys.stderr)
+    return out
+
+
+def _args_for(name, B, T, H, K, V, seed):
+    q, k, v, g = gla_inputs(B, T, H, K, V, seed)
+    if name.startswith("FlashAttention"):  # SDPA wants [B, H, T, D]; no gate
+        return [x.transpose(1, 2).contiguous() for x in (q, k, v)] + [None]
+    return [q, k, v, g]
+
+
+def time_method(name, fn, B, T, H, K, V, seed=0) -> dict:
+    args = _args_for(name, B, T, H, K, V, seed)
+    def fwd():
+        return fn(*args)
+
+    grads = [x.detach().requires_grad_() if x is not None else None for x in args]
+    o = fn(*grads)
+    do = torch.randn_like(o)
+
+    def fwd_bwd():
+        for x in grads:
+            if x is not None:
+                x.grad = None
+        fn(*grads).backward(do)
+
+    with torch.no_grad():
+        ms_f = _median_ms(fwd)
+        mem_f = _peak_mb(fwd)
+    ms_fb = _median_ms(fwd_bwd)
+    mem_fb = _peak_mb(fwd_bwd)
+    return {"forward_ms": ms_f, "forward_backward_ms": ms_fb, "forward_peak_mb": mem_f,
+            "forward_backward_peak_mb": mem_fb}
+
+
+def forward_floor_ms(B, T, H, K, V, bandwidth_gbs, elem_bytes=2) -> float:
+    """Bytes the forward must move (read q, k, v, g; write o) over the copy bandwidth, in ms."""
+    nbytes = elem_bytes * B * T * H * (3 * K + 2 * V)
+    return nbytes / (bandwidth_gbs * 1e9) * 1e3
+
+
+def kernel_resources() -> dict:
+    """Registers, spills and shared memory of every compiled flash_gla kernel (after a run)."""
+    from glalearn import flash
+
+    out = {}
+    for name, ck in flash.LAST_COMPILED.items():
+        try:
+            out[name] = {"n_regs": int(ck.n_regs), "n_spills": int(ck.n_spills),
+                         "shared_bytes": int(ck.metadata.shared), "num_warps": int(ck.metadata.num_warps)}
+        except (AttributeError, TypeError, ValueError) as exc:  # names move between Triton versions
+            out[name] = {"error": repr(exc)}
+    return out
+
+
+def machine() -> dict:
+    import triton
+
+    info = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "cuda": torch.version.cuda, "python": platform.python_version(),
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    try:
+        import fla
+
+        info["fla"] = getattr(fla, "__version__", "?")
+    except ImportError:
+        info["fla"] = None
+    return info
+
+
+def run(profiles, lengths, include_fla=True, only=None, log=print) -> dict:
+    from glalearn import flash
+
+    bandwidth = copy_bandwidth_gbs()
+    log(f"copy bandwidth {bandwidth:.0f} GB/s (read + write)")
+    rows = []
+    meths = methods(include_fla)
+    if only:
+        meths = {n: f for n, f in meths.items() if any(o in n for o in only)}
+    for pname in profiles:
+        p = PROFILES[pname]
+        H, K, V = p["H"], p["K"], p["V"]
+        for T in lengths:
+            B = p["tokens"] // T
+            floor = forward_floor_ms(B, T, H, K, V, bandwidth)
+            for name, fn in meths.items():
+                r = time_method(name, fn, B, T, H, K, V)
+                rows.append({"profile": pname, "T": T, "B": B, "H": H, "K": K, "V": V, "method": name,
+                             "forward_floor_ms": floor, **r})
+                log(f"{pname} T={T:>5} B={B:>3} {name:<30} fwd {r['forward_ms']:7.3f} ms  fwd+bwd "
+                    f"{r['forward_backward_ms']:7.3f} ms  peak {r['forward_backward_peak_mb']:8.0f} MB  "
+                    f"(floor {floor:.3f} ms)")
+            torch.cuda.empty_cache()
+    return {"copy_bandwidth_gbs": bandwidth, "rows": rows, "config": dict(flash.CONFIG),
+            "kernels": kernel_resources()}
+
+
+def summary(rows) -> list[str]:
+    """Ratios to fla and FlashAttention-2, per profile and T."""
+    lines = []
+    key = {(r["profile"], r["T"], r["method"]): r for r in rows}
+    for (pname, T, method), r in key.items():
+        if method != "flash_gla (materialized)":
+            continue
+        parts = [f"{pname} T={T:>5}: fwd {r['forward_ms']:.3f} fwd+bwd {r['forward_backward_ms']:.3f} ms"]
+        fla = key.get((pname, T, "fla chunk_gla"))
+        if fla:
+            parts.append(f"vs fla fwd x{r['forward_ms'] / fla['forward_ms']:.2f} "
+                         f"fwd+bwd x{r['forward_backward_ms'] / fla['forward_backward_ms']:.2f}")
+        fa = key.get((pname, T, "FlashAttention-2 (SDPA)"))
+        if fa:
+            parts.append(f"vs FA2 fwd+bwd x{r['forward_backward_ms'] / fa['forward_backward_ms']:.2f}")
+        parts.append(f"fwd / floor x{r['forward_ms'] / r['forward_floor_ms']:.2f}")
+        lines.append("  ".join(parts))
+    return lines
+
+
+def plot(result: dict, path: str) -> None:
+    """Forward and forward+backward time against T, one panel per profile and pass."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    profiles = sorted({r["profile"] for r in rows})
+    fig, axes = plt.subplots(len(profiles), 2, figsize=(10, 3.6 * len(profiles)), squeeze=False)
+    for i, pname in enumerate(profiles):
+        for j, (key, label) in enumerate([("forward_ms", "forward"), ("forward_backward_ms", "forward + backward")]):
+            ax = axes[i][j]
+            for method in dict.fromkeys(r["method"] for r in rows):
+                pts = sorted((r["T"], r[key]) for r in rows if r["profile"] == pname and r["method"] == method)
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=method)
+            if key == "forward_ms":
+                pts = sorted((r["T"], r["forward_floor_ms"]) for r in rows
+                             if r["profile"] == pname and r["method"] == "flash_gla (materialized)")
+                if pts:
+                    ax.plot(*zip(*pts), "k--", label="memory floor")
+            p = PROFILES[pname]
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("sequence length T (B = tokens / T)")
+            ax.set_ylabel("ms (median)")
+            ax.set_title(f"{pname}: H={p['H']}, K=V={p['K']}, {p['tokens']} tokens — {label}", fontsize=9)
+            ax.grid(True, which="both", alpha=0.3)
+            if i == 0 and j == 1:
+                ax.legend(fontsize=7)
+    fig.suptitle(f"GLA kernels on {result['machine']['gpu']}, bf16", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m glalearn.bench kernels", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", help="JSON file to write (a PNG plot is written beside it)")
+    parser.add_argument("--profiles", nargs="+", default=list(PROFILES), choices=list(PROFILES))
+    parser.add_argument("--lengths", nargs="+", type=int, default=LENGTHS)
+    parser.add_argument("--no-fla", action="store_true", help="skip fla even if it is importable")
+    parser.add_argument("--only", nargs="+", help="time only methods whose name contains one of these")
+    parser.add_argument("--config", type=json.loads, default=None,
+                        help='override flash_gla launch settings, e.g. \'{"warps": 4}\'')
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("the kernel benchmark needs a CUDA GPU (chapter 7 reads the committed results instead)")
+        return 1
+    from glalearn import flash
+
+    if args.config:
+        flash.CONFIG.update(args.config)
+    result = run(args.profiles, args.lengths, include_fla=not args.no_fla, only=args.only)
+    result["machine"] = machine()
+    result["command"] = "python -m glalearn.bench kernels " + " ".join(argv if argv is not None else sys.argv[1:])
+    print("\n".join(summary(result["rows"])))
+    for name, res in result["kernels"].items():
+        print(f"{name}: {res}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        plot(result, args.out.rsplit(".", 1)[0] + ".png")
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""``flash_gla``: GLA through the Triton kernels of ``kernels/`` (chapters 6-7), with autograd.
+
+Forward, materialized (the default, as in the paper): ``chunk_state_kernel`` walks the chunks once
+and writes every chunk state (float32) to memory, then ``chunk_output_kernel`` computes all chunk
+outputs in parallel. Non-materialized: ``fused_forward_kernel`` keeps the state on-chip and walks
+the chunks in order, one program per (head, V block).
+
+Backward: the chunk states are recomputed (never stored by the forward), the state gradients are
+walked backwards (``chunk_state_backward_kernel``), then dv and (dq, dk, dg) are computed for all
+chunks in parallel, dg by the gate-gradient trick.
+
+On a CPU the kernels run only in Triton's interpreter: set ``TRITON_INTERPRET=1`` in the environment
+before Triton is first imported.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from glalearn.forms._contract import check_power_of_two, empty_result, validate
+
+# Launch configuration. bk, bv: channels per block of the chunk-parallel kernels; the sequential
+# state passes use their own (smaller) blocks, to get more programs. sub: the sub-chunk length L.
+# warps: warps per program of the chunk-parallel kernels; state_warps: of the sequential passes.
+# Chapter 7 measures the choices; change them here (the benchmark tries variants through this dict).
+CONFIG = {"sub": 16, "bk": 32, "bv": 64, "state_bk": 32, "state_bv": 32, "warps": 8, "state_warps": 4,
+          "stages": 2}
+# The last compiled kernel of each name (for its register / spill / shared-memory report on a GPU).
+LAST_COMPILED: dict = {}
+
+
+def _next_power_of_two(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _kernels():
+    """The kernel modules, imported on first use (Triton decides at import whether to interpret)."""
+    from glalearn.kernels import backward, chunk_output, chunk_state, fused_forward
+
+    return chunk_state, chunk_output, fused_forward, backward
+
+
+def interpreter_active() -> bool:
+    """True when Triton runs kernels in its interpreter (TRITON_INTERPRET=1 when Triton was imported)."""
+    chunk_state, *_ = _kernels()
+    return type(chunk_state.chunk_state_kernel).__name__ == "InterpretedFunction"
+
+
+def _check_device(q: torch.Tensor) -> None:
+    if q.device.type == "cuda" or interpreter_active():
+        return
+    raise RuntimeError(
+        f"flash_gla runs compiled Triton kernels on a CUDA GPU, but the inputs are on {q.device}. "
+        "Either move q, k, v, g (and initial_state) to a CUDA device, or run the kernels in Triton's "
+        "interpreter on the CPU: set the environment variable TRITON_INTERPRET=1 before Triton is first "
+        "imported (e.g. `TRITON_INTERPRET=1 python ...`, or os.environ['TRITON_INTERPRET'] = '1' at the "
+        "top of the notebook, then restart the kernel)."
+    )
+
+
+def _config(K: int, V: int, dtype: torch.dtype):
+    BK = min(CONFIG["bk"], max(16, _next_power_of_two(K)))
+    BV = min(CONFIG["bv"], max(16, _next_power_of_two(V)))
+    SBK = min(CONFIG["state_bk"], max(16, _next_power_of_two(K)))
+    SBV = min(CONFIG["state_bv"], max(16, _next_power_of_two(V)))
+    # float32 inputs: exact float32 products. 16-bit inputs: tf32 tensor cores (10-bit mantissa),
+    # which keeps the rounding well under the bf16 inputs' own.
+    precision = "ieee" if dtype == torch.float32 else "tf32"
+    return BK, BV, SBK, SBV, precision
+
+
+def _chunk_states(k, v, g, initial_state, C, SBK, SBV, precision):
+    """h [B, H, N + 1, K, V] float32: h[:, :, n] = the state entering chunk n, h[:, :, N] the final one."""
+    chunk_state, *_ = _kernels()
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    N = -(-T // C)
+    h = torch.empty(B, H, N + 1, K, V, dtype=torch.float32, device=k.device)
+    grid = (-(-K // SBK), -(-V // SBV), B * H)
+    h0 = initial_state if initial_state is not None else h
+    LAST_COMPILED["chunk_state_kernel"] = chunk_state.chunk_state_kernel[grid](
+        k, v, g, h0, h, T, H=H, K=K, V=V, C=C, BK=SBK, BV=SBV,
+        USE_H0=initial_state is not None, PRECISION=precision,
+        num_warps=CONFIG["state_warps"], num_stages=CONFIG["stages"],
+    )
+    return h
+
+
+def flash_forward(q, k, v, g, scale, initial_state, chunk_size, materialize, output_final_state):
+    """Run the forward kernels on contiguous inputs. Returns (o [B, T, H, V], final_state or None)."""
+    _, chunk_output, fused_forward, _ = _kernels()
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    C, L = chunk_size, min(CONFIG["sub"], chunk_size)
+    N = -(-T // C)
+    BK, BV, SBK, SBV, precision = _config(K, V, q.dtype)
+    o = torch.empty_like(v)
+    if materialize:
+        h = _chunk_states(k, v, g, initial_state, C, SBK, SBV, precision)
+        LAST_COMPILED["chunk_output_kernel"] = chunk_output.chunk_output_kernel[(-(-V // BV), N, B * H)](
+            q, k, v, g, h, o, scale, T, H=H, K=K, V=V, C=C, L=L, BK=BK, BV=BV,
+            PRECISION=precision, num_warps=CONFIG["warps"], num_stages=CONFIG["stages"],
+        )
+        final = h[:, :, N].contiguous() if output_final_state else None
+        return o, final
+    final = torch.empty(B, H, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
+    LAST_COMPILED["fused_forward_kernel"] = fused_forward.fused_forward_kernel[(-(-V // BV), B * H)](
+        q, k, v, g, initial_state if initial_state is not None else o, o, final if final is not None else o,
+        scale, T, H=H, K=K, V=V, C=C, L=L, BK=max(16, _next_power_of_two(K)), BV=BV,
+        USE_H0=initial_state is not None, STORE_FINAL=final is not None, PRECISION=precision,
+        num_warps=CONFIG["warps"], num_stages=CONFIG["stages"],
+    )
+    return o, final
+
+
+def flash_backward(q, k, v, g, do, dht, scale, initial_state, chunk_size):
+    """Gradients (dq, dk, dv, dg, d initial_state or None) for contiguous inputs and output gradient."""
+    *_, backward = _kernels()
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    C, L = chunk_size, min(CONFIG["sub"], chunk_size)
+    N = -(-T // C)
+    BK, BV, SBK, SBV, precision = _config(K, V, q.dtype)
+    h = _chunk_states(k, v, g, initial_state, C, SBK, SBV, precision)  # recomputed, not stored
+    dh = torch.empty(B, H, N, K, V, dtype=torch.float32, device=q.device)
+    dh0 = torch.empty(B, H, K, V, dtype=torch.float32, device=q.device) if initial_state is not None else None
+    LAST_COMPILED["chunk_state_backward_kernel"] = backward.chunk_state_backward_kernel[(-(-K // SBK), -(-V // SBV), B * H)](
+        q, g, do, dht if dht is not None else dh, dh, dh0 if dh0 is not None else dh,
+        scale, T, H=H, K=K, V=V, C=C, BK=SBK, BV=SBV,
+        USE_DHT=dht is not None, STORE_DH0=dh0 is not None, PRECISION=precision,
+        num_warps=CONFIG["state_warps"], num_stages=CONFIG["stages"],
+    )
+    dv = torch.empty_like(v)
+    LAST_COMPILED["chunk_dv_kernel"] = backward.chunk_dv_kernel[(-(-V // BV), N, B * H)](
+        q, k, g, do, dh, dv, scale, T, H=H, K=K, V=V, C=C, L=L, BK=BK, BV=BV,
+        PRECISION=precision, num_warps=CONFIG["warps"], num_stages=CONFIG["stages"],
+    )
+    dq, dk, dg = torch.empty_like(q), torch.empty_like(k), torch.empty_like(g)
+    LAST_COMPILED["chunk_dqkg_kernel"] = backward.chunk_dqkg_kernel[(-(-K // BK), N, B * H)](
+        q, k, v, g, do, h, dh, dq, dk, dg, scale, T, H=H, K=K, V=V, C=C, L=L, BK=BK, BV=BV,
+        PRECISION=precision, num_warps=CONFIG["warps"], num_stages=CONFIG["stages"],
+    )
+    return dq, dk, dv, dg, dh0
+
+
+class FlashGLAFunction(torch.autograd.Function):
+    """Autograd around the kernels: saves q, k, v, g and S_0 only (chapter 7)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, initial_state, scale, chunk_size, materialize, output_final_state):
+        o, final = flash_forward(q, k, v, g, scale, initial_state, chunk_size, materialize, output_final_state)
+        ctx.save_for_backward(q, k, v, g, initial_state)
+        ctx.scale, ctx.chunk_size = scale, chunk_size
+        ctx.set_materialize_grads(False)
+        return o, final
+
+    @staticmethod
+    def backward(ctx, do, dfinal):
+        q, k, v, g, initial_state = ctx.saved_tensors
+        if do is None:
+            do = torch.zeros_like(v)
+        dq, dk, dv, dg, dh0 = flash_backward(
+            q, k, v, g, do.contiguous(), None if dfinal is None else dfinal.float().contiguous(),
+            ctx.scale, initial_state, ctx.chunk_size,
+        )
+        return dq, dk, dv, dg, dh0, None, None, None, None
+
+
+def flash_gla(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    chunk_size: int = 64,
+    materialize: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """GLA by the FlashLinearAttention kernels (chapters 6-7), same contract as every form.
+
+    Args:
+        q, k: [B, T, H, K];  v: [B, T, H, V];  g: [B, T, H, K] log forget gates (<= 0);
+            float32, bfloat16 or float16 (one dtype for q, k, v; g may differ).
+        scale: multiplies q; default K ** -0.5.
+        initial_state: S_0 [B, H, K, V] (kept in float32);  output_final_state: also return S_T.
+        chunk_size: C, a power of two from 16 to 128 (sub-chunks of 16 inside).
+        materialize: True — write chunk states to memory, then all chunk outputs in parallel;
+            False — keep the state on-chip and walk the chunks in order (one program per head).
+    Returns:
+        o [B, T, H, V] in q's dtype, and S_T [B, H, K, V] float32 (or None).
+
+    Differentiable in q, k, v, g and initial_state; the backward recomputes the chunk states.
+    Runs on CUDA tensors, or on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1).
+    """
+    on_cpu = q.device.type == "cpu"
+    info = validate(q, k, v, g, scale, initial_state, check_values=on_cpu)
+    check_power_of_two("chunk_size", chunk_size)
+    if not 16 <= chunk_size <= 128:
+        raise ValueError(f"chunk_size must be 16, 32, 64 or 128 for the kernels (tensor-core tiles), got {chunk_size}")
+    if torch.float64 in (q.dtype, g.dtype):
+        raise TypeError(
+            f"flash_gla computes in float32 on the chip; got float64 inputs (q {q.dtype}, g {g.dtype}). "
+            "Use float32, bfloat16 or float16, or the reference forms (glalearn.chunk_gla) for float64."
+        )
+    if not isinstance(materialize, bool):
+        raise TypeError(f"materialize must be True or False, got {materialize!r}")
+    _check_device(q)
+    if info.T == 0:
+        return empty_result(q, v, initial_state, output_final_state, info)
+    S0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
+    o, final = FlashGLAFunction.apply(
+        q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), S0, info.scale, chunk_size,
+        materialize, output_final_state,
+    )
+    return o, (final if output_final_state else None)
+
+
+__all__ = ["FlashGLAFunction", "flash_backward", "flash_forward", "flash_gla", "interpreter_active"]
+

@@ -1,0 +1,151 @@
+"""The backward kernels (chapter 7). Chunk states are recomputed by ``chunk_state_kernel``, not stored.
+
+With dS_{n+1} the gradient reaching the state that *leaves* chunk n (dh[n] below):
+
+    dS_n  = Diag(exp(γ_n)) dS_{n+1} + scale · (Q_n ⊙ exp(G_n))^T dO_n        reverse pass, sequential
+    dV_n  = (K_n ⊙ exp(γ_n - G_n)) dS_{n+1} + scale · P_n^T dO_n
+    dQ_n  = scale · exp(G_n) ⊙ (dO_n S_n^T)          + scale · intra(dP_n = dO_n V_n^T)
+    dK_n  = exp(γ_n - G_n) ⊙ (V_n dS_{n+1}^T)        + scale · intra(dP_n)
+    dg    = reverse cumulative sum of (q ⊙ dq - k ⊙ dk) inside the chunk + Σ_v S_{n+1} ⊙ dS_{n+1}
+
+The last line is the gate-gradient trick (chapter 5), done per chunk: what all later chunks add up to
+is the sensitivity of the loss to the state leaving the chunk.
+
+Launches: chunk_state_kernel (recompute h), chunk_state_backward_kernel (dh, dh0),
+chunk_dv_kernel, chunk_dqkg_kernel — the last two parallel over chunks.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from glalearn.kernels.common import (
+    intra_chunk_score_grads,
+    intra_chunk_scores,
+    last_row,
+    load_tile,
+    store_tile,
+)
+
+
+@triton.jit
+def chunk_state_backward_kernel(
+    q, g, do, dht, dh, dh0,  # q, g [B, T, H, K]; do [B, T, H, V]; dht, dh0 [B, H, K, V]; dh [B, H, N, K, V]
+    scale, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dh[n] = dS_{n+1}, walking the chunks from last to first; dh0 = dS_0."""
+    i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    N = tl.cdiv(T, C)
+    q_base = q + (i_b * T * H + i_h) * K
+    g_base = g + (i_b * T * H + i_h) * K
+    do_base = do + (i_b * T * H + i_h) * V
+    rk = i_k * BK + tl.arange(0, BK)
+    rv = i_v * BV + tl.arange(0, BV)
+    state_mask = (rk < K)[:, None] & (rv < V)[None, :]
+    state_offsets = rk[:, None] * V + rv[None, :]
+    dh_base = dh + i_bh * N * K * V
+    if USE_DHT:
+        d_state = tl.load(dht + i_bh * K * V + state_offsets, mask=state_mask, other=0.0).to(tl.float32)
+    else:
+        d_state = tl.zeros((BK, BV), dtype=tl.float32)
+    for m in range(N):
+        n = N - 1 - m
+        tl.store(dh_base + n * K * V + state_offsets, d_state, mask=state_mask)
+        q_n = load_tile(q_base, n * C, i_k * BK, T, K, H * K, C, BK)
+        g_n = load_tile(g_base, n * C, i_k * BK, T, K, H * K, C, BK)
+        do_n = load_tile(do_base, n * C, i_v * BV, T, V, H * V, C, BV)
+        G = tl.cumsum(g_n, axis=0)
+        gamma = last_row(G, C)
+        q_decayed = scale * q_n * tl.exp(G)
+        d_state = d_state * tl.exp(gamma)[:, None] + tl.dot(tl.trans(q_decayed), do_n, input_precision=PRECISION)
+    if STORE_DH0:
+        tl.store(dh0 + i_bh * K * V + state_offsets, d_state, mask=state_mask)
+
+
+@triton.jit
+def chunk_dv_kernel(
+    q, k, g, do, dh, dv,  # q, k, g [B, T, H, K]; do, dv [B, T, H, V]; dh [B, H, N, K, V] float32
+    scale, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    C: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dV_n = (K_n ⊙ exp(γ_n - G_n)) dS_{n+1} + scale · P_n^T dO_n: the output kernel, transposed."""
+    i_v, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    N = tl.cdiv(T, C)
+    q_base = q + (i_b * T * H + i_h) * K
+    k_base = k + (i_b * T * H + i_h) * K
+    g_base = g + (i_b * T * H + i_h) * K
+    do_base = do + (i_b * T * H + i_h) * V
+    dv_base = dv + (i_b * T * H + i_h) * V
+    dh_base = dh + (i_bh * N + i_n) * K * V
+    rv = i_v * BV + tl.arange(0, BV)
+    row0 = i_n * C
+    inter = tl.zeros((C, BV), dtype=tl.float32)
+    P = tl.zeros((C, C), dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        q_n = load_tile(q_base, row0, i_k * BK, T, K, H * K, C, BK)
+        k_n = load_tile(k_base, row0, i_k * BK, T, K, H * K, C, BK)
+        g_n = load_tile(g_base, row0, i_k * BK, T, K, H * K, C, BK)
+        G = tl.cumsum(g_n, axis=0)
+        gamma = last_row(G, C)
+        rk = i_k * BK + tl.arange(0, BK)
+        dS = tl.load(dh_base + rk[:, None] * V + rv[None, :], mask=(rk < K)[:, None] & (rv < V)[None, :], other=0.0)
+        inter = tl.dot(k_n * tl.exp(gamma[None, :] - G), dS, inter, input_precision=PRECISION)
+        P += intra_chunk_scores(q_n, k_n, G, C, L, BK, PRECISION)
+    do_n = load_tile(do_base, row0, i_v * BV, T, V, H * V, C, BV)
+    out = tl.dot(tl.trans(scale * P), do_n, inter, input_precision=PRECISION)
+    store_tile(dv_base, out, row0, i_v * BV, T, V, H * V, C, BV)
+
+
+@triton.jit
+def chunk_dqkg_kernel(
+    q, k, v, g, do, h, dh, dq, dk, dg,  # [B, T, H, K|V] tensors; h [B, H, N + 1, K, V]; dh [B, H, N, K, V]
+    scale, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    C: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dq, dk and dg for one (K block, chunk, head); the V dimension is walked in blocks."""
+    i_k, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    N = tl.cdiv(T, C)
+    off_k = (i_b * T * H + i_h) * K
+    off_v = (i_b * T * H + i_h) * V
+    row0 = i_n * C
+    q_n = load_tile(q + off_k, row0, i_k * BK, T, K, H * K, C, BK)
+    k_n = load_tile(k + off_k, row0, i_k * BK, T, K, H * K, C, BK)
+    g_n = load_tile(g + off_k, row0, i_k * BK, T, K, H * K, C, BK)
+    G = tl.cumsum(g_n, axis=0)
+    gamma = last_row(G, C)
+    rk = i_k * BK + tl.arange(0, BK)
+    h_base = h + (i_bh * (N + 1) + i_n) * K * V  # S_n; S_{n+1} is the next slot
+    dh_base = dh + (i_bh * N + i_n) * K * V  # dS_{n+1}
+    dP = tl.zeros((C, C), dtype=tl.float32)
+    dq_inter = tl.zeros((C, BK), dtype=tl.float32)
+    dk_inter = tl.zeros((C, BK), dtype=tl.float32)
+    later = tl.zeros((BK,), dtype=tl.float32)  # Σ_v S_{n+1} ⊙ dS_{n+1}
+    for i_v in range(tl.cdiv(V, BV)):
+        do_n = load_tile(do + off_v, row0, i_v * BV, T, V, H * V, C, BV)
+        v_n = load_tile(v + off_v, row0, i_v * BV, T, V, H * V, C, BV)
+        rv = i_v * BV + tl.arange(0, BV)
+        mask = (rk < K)[:, None] & (rv < V)[None, :]
+        offsets = rk[:, None] * V + rv[None, :]
+        S = tl.load(h_base + offsets, mask=mask, other=0.0)
+        S_next = tl.load(h_base + K * V + offsets, mask=mask, other=0.0)
+        dS = tl.load(dh_base + offsets, mask=mask, other=0.0)
+        dP = tl.dot(do_n, tl.trans(v_n), dP, input_precision=PRECISION)
+        dq_inter = tl.dot(do_n, tl.trans(S), dq_inter, input_precision=PRECISION)
+        dk_inter = tl.dot(v_n, tl.trans(dS), dk_inter, input_precision=PRECISION)
+        later += tl.sum(S_next * dS, axis=1)
+    dq_intra, dk_intra = intra_chunk_score_grads(dP, q_n, k_n, G, C, L, BK, PRECISION)
+    dq_n = scale * (dq_inter * tl.exp(G) + dq_intra)
+    dk_n = dk_inter * tl.exp(gamma[None, :] - G) + scale * dk_intra
+    # The gate-gradient trick, before the i = j terms (which cancel in it exactly) are added.
+    d_log_b = q_n * dq_n - k_n * dk_n
+    dg_n = tl.cumsum(d_log_b, axis=0, reverse=True) + later[None, :]
+    rows = tl.arange(0, C)
+    dP_diag = scale * tl.sum(tl.where(rows[:, None] == rows[None, :], dP, 0.0), axis=1)[:, None]
+    store_tile(dq + off_k, dq_n + dP_diag * k_n, row0, i_k * BK, T, K, H * K, C, BK)
+    store_tile(dk + off_k, dk_n + dP_diag * q_n, row0, i_k * BK, T, K, H * K, C, BK)
+    store_tile(dg + off_k, dg_n, row0, i_k * BK, T, K, H * K, C, BK)
