@@ -1,0 +1,219 @@
+"""The GLA layer of the paper (§4.4), built from the forms of chapters 1-4 (chapter 8).
+
+For a token x_t (a row of d_model numbers) and H heads of key width d_k = K / H, value width d_v = V / H:
+
+    q_t, k_t = x_t W_Q, x_t W_K                      K = expand_k · d_model   (0.5)
+    v_t      = x_t W_V                               V = expand_v · d_model   (1.0)
+    g_t      = logsigmoid(x_t W_1 W_2 + b) / τ       the data-dependent log forget gate, rank 16, τ = 16
+    o_t      = GLA(q, k, v, g)_t                     any form: recurrent, chunk, two-level, flash
+    r_t      = x_t W_r                               the output gate
+    y_t      = (RMSNorm_head(o_t) ⊙ swish(r_t)) W_O  per-head normalization, Swish output gate
+
+The `gate` argument swaps the gate for the ablations of chapter 10: "vector" (GLA: one gate per key
+channel, data-dependent), "scalar" (one data-dependent gate per head, broadcast over the key channels),
+"fixed" (RetNet's data-independent per-head decays 1 - 2^(-5-h)) and "none" (g = 0: plain linear
+attention). Every gate runs on every backend, since all of them are just a g tensor.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+from torch import nn
+
+from glalearn.forms import chunk_gla, recurrent_gla, two_level_chunk_gla
+from glalearn.forms.chunk import ChunkGLAFunction
+from glalearn.forms.recurrent import recurrent_step
+from glalearn.gates import GATE_LOGIT_NORMALIZER, GATE_LOW_RANK_DIM, LowRankGate, retnet_log_decay
+
+BACKENDS = ("recurrent", "chunk", "two_level", "flash", "auto")
+GATES = ("vector", "scalar", "fixed", "none")
+
+# On this kind of CPU the two-level form with the split diagonal is the fastest exact form: measured
+# at the shipped model's shapes (B=8, T=256, H=4, d_k=32, d_v=64, float32, forward+backward) it beats
+# chunk_gla; see chapter 8 and `python -m glalearn.bench forms`.
+CPU_FORM = "two_level"
+
+
+def _two_level_split(q, k, v, g, scale=None, initial_state=None, output_final_state=False, chunk_size=64):
+    return two_level_chunk_gla(q, k, v, g, scale=scale, initial_state=initial_state,
+                               output_final_state=output_final_state, chunk_size=chunk_size,
+                               sub_chunk_size=min(16, chunk_size), diagonal="split")
+
+
+def flash_available() -> bool:
+    """True when `glalearn.flash_gla` (the Triton kernel of chapter 7) can be imported."""
+    try:
+        _flash_form()
+    except (ImportError, AttributeError):
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=1)
+def _flash_form():
+    import glalearn.flash
+
+    return glalearn.flash.flash_gla
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The form a backend name runs on ``device`` (chapter 8): "auto" -> "flash" on CUDA, else CPU_FORM.
+
+    On CUDA without the Triton kernel, "auto" falls back to "two_level" with a warning.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend != "auto":
+        return backend
+    if device.type == "cuda":
+        if flash_available():
+            return "flash"
+        warnings.warn("backend='auto': glalearn.flash_gla is not available, using 'two_level' on CUDA",
+                      stacklevel=3)
+        return "two_level"
+    return CPU_FORM
+
+
+def gla_form(backend: str):
+    """The function behind a (resolved) backend name; all share the signature of DESIGN.md §2."""
+    if backend == "recurrent":
+        return recurrent_gla
+    if backend == "chunk":
+        return chunk_gla
+    if backend == "two_level":
+        return _two_level_split
+    if backend == "flash":
+        try:
+            return _flash_form()
+        except (ImportError, AttributeError) as err:
+            raise RuntimeError(
+                "backend='flash' needs glalearn.flash_gla, the Triton kernel of chapter 7, which could not be "
+                f"imported ({err}). Use backend='chunk', 'two_level' or 'auto' instead."
+            ) from err
+    raise ValueError(f"backend must be one of {BACKENDS[:-1]} (after resolving 'auto'), got {backend!r}")
+
+
+class GatedLinearAttention(nn.Module):
+    """The GLA token mixer of the paper, §4.4 (chapter 8).
+
+    Input x [B, T, d_model] -> output [B, T, d_model]. ``forward(x, state=None, output_final_state=False)``
+    runs the whole sequence with the chosen backend; ``step(x_t, state)`` runs one token recurrently
+    with the state S [B, H, d_k, d_v] (float32) carried between calls.
+
+    Args:
+        d_model: width of the residual stream.
+        num_heads: H.
+        expand_k, expand_v: key / value width as a fraction of d_model (0.5 and 1.0 in the paper).
+        gate: "vector" (GLA), "scalar", "fixed" or "none" (chapter 10's ablation).
+        backend: "recurrent", "chunk", "two_level", "flash" or "auto".
+        gate_low_rank_dim, gate_logit_normalizer: the gate's rank (16) and τ (16).
+        norm_eps: epsilon of the per-head RMSNorm.
+        chunk_size: C of the "chunk" and "two_level" backends.
+
+    ``check_inputs`` (default True) lets the forms validate their inputs; the trainer turns it off on a
+    GPU, where each value check is a host-device synchronisation, and the "chunk" backend then calls
+    the chunk form's autograd function directly (the same numbers, no checks).
+    """
+
+    def __init__(self, d_model: int, num_heads: int = 4, expand_k: float = 0.5, expand_v: float = 1.0,
+                 gate: str = "vector", backend: str = "auto", gate_low_rank_dim: int = GATE_LOW_RANK_DIM,
+                 gate_logit_normalizer: float = GATE_LOGIT_NORMALIZER, norm_eps: float = 1e-5,
+                 chunk_size: int = 64):
+        super().__init__()
+        if gate not in GATES:
+            raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        key_dim, value_dim = int(d_model * expand_k), int(d_model * expand_v)
+        if num_heads < 1 or key_dim % num_heads or value_dim % num_heads:
+            raise ValueError(
+                f"num_heads must divide the key width d_model*expand_k = {key_dim} and the value width "
+                f"d_model*expand_v = {value_dim}, got num_heads={num_heads}"
+            )
+        self.d_model, self.num_heads, self.gate, self.backend = d_model, num_heads, gate, backend
+        self.key_dim, self.value_dim = key_dim, value_dim
+        self.chunk_size, self.check_inputs = chunk_size, True
+        self.head_k_dim, self.head_v_dim = key_dim // num_heads, value_dim // num_heads
+        self.scale = self.head_k_dim ** -0.5
+        self.q_proj = nn.Linear(d_model, key_dim, bias=False)
+        self.k_proj = nn.Linear(d_model, key_dim, bias=False)
+        self.v_proj = nn.Linear(d_model, value_dim, bias=False)
+        if gate == "vector":
+            self.gate_proj = LowRankGate(d_model, key_dim, gate_low_rank_dim, gate_logit_normalizer)
+        elif gate == "scalar":
+            self.gate_proj = LowRankGate(d_model, num_heads, gate_low_rank_dim, gate_logit_normalizer)
+        elif gate == "fixed":
+            self.register_buffer("fixed_log_decay", retnet_log_decay(num_heads), persistent=False)
+        self.output_gate = nn.Linear(d_model, value_dim, bias=False)
+        self.head_norm = nn.RMSNorm(self.head_v_dim, eps=norm_eps)
+        self.o_proj = nn.Linear(value_dim, d_model, bias=False)
+
+    # ------------------------------------------------------------------ the pieces
+    def log_gate(self, x: torch.Tensor) -> torch.Tensor:
+        """g [..., H, d_k] (float32, <= 0) for tokens x [..., d_model], for the chosen gate variant."""
+        lead = x.shape[:-1]
+        H, dk = self.num_heads, self.head_k_dim
+        if self.gate == "vector":
+            return self.gate_proj(x).float().reshape(*lead, H, dk)
+        if self.gate == "scalar":
+            return self.gate_proj(x).float().reshape(*lead, H, 1).expand(*lead, H, dk)
+        if self.gate == "fixed":
+            return self.fixed_log_decay.to(x.device, torch.float32)[:, None].expand(*lead, H, dk)
+        return x.new_zeros((*lead, H, dk), dtype=torch.float32)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q, k, g [..., H, d_k] and v [..., H, d_v] for tokens x [..., d_model] (float32 for the forms)."""
+        lead = x.shape[:-1]
+        H = self.num_heads
+        q = self.q_proj(x).reshape(*lead, H, self.head_k_dim)
+        k = self.k_proj(x).reshape(*lead, H, self.head_k_dim)
+        v = self.v_proj(x).reshape(*lead, H, self.head_v_dim)
+        return q.float(), k.float(), v.float(), self.log_gate(x)
+
+    def finish(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """Per-head RMSNorm, Swish output gate and output projection: o [..., H, d_v] -> [..., d_model]."""
+        o = self.head_norm(o.to(x.dtype)).reshape(*x.shape[:-1], self.value_dim)
+        return self.o_proj(o * nn.functional.silu(self.output_gate(x)))
+
+    # ------------------------------------------------------------------ whole sequence and one step
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None, output_final_state: bool = False):
+        """y [B, T, d_model] for x [B, T, d_model]; with ``output_final_state`` also S_T [B, H, d_k, d_v].
+
+        ``state`` (S_0, [B, H, d_k, d_v] float32) continues a sequence, e.g. after a prompt.
+        """
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x must be [B, T, d_model={self.d_model}], got shape {tuple(x.shape)}")
+        q, k, v, g = self.project(x)
+        backend = resolve_backend(self.backend, x.device)
+        if backend == "chunk" and not self.check_inputs and x.shape[1] > 0:
+            o, final = ChunkGLAFunction.apply(q, k, v, g, state, self.scale, self.chunk_size, output_final_state)
+        else:
+            kwargs = {"chunk_size": self.chunk_size} if backend in ("chunk", "two_level") else {}
+            o, final = gla_form(backend)(q, k, v, g, scale=self.scale, initial_state=state,
+                                         output_final_state=output_final_state, **kwargs)
+        y = self.finish(x, o)
+        return (y, final) if output_final_state else y
+
+    def init_state(self, batch_size: int, device=None) -> torch.Tensor:
+        """S_0 = 0, [B, H, d_k, d_v] float32."""
+        return torch.zeros(batch_size, self.num_heads, self.head_k_dim, self.head_v_dim, device=device)
+
+    def step(self, x_t: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token recurrently (chapters 1 and 9): x_t [B, d_model], S [B, H, d_k, d_v] -> (y_t, S').
+
+        O(1) work and memory per token however long the sequence: the state is all the layer keeps.
+        """
+        if x_t.dim() != 2 or x_t.shape[-1] != self.d_model:
+            raise ValueError(f"x_t must be [B, d_model={self.d_model}], got shape {tuple(x_t.shape)}")
+        if state is None:
+            state = self.init_state(x_t.shape[0], x_t.device)
+        q, k, v, g = self.project(x_t)
+        o, state = recurrent_step(state, q, k, v, g, self.scale)
+        return self.finish(x_t, o), state
+
+    def extra_repr(self) -> str:
+        return (f"heads={self.num_heads}, d_k={self.head_k_dim}, d_v={self.head_v_dim}, gate={self.gate!r}, "
+                f"backend={self.backend!r}")

@@ -1,0 +1,464 @@
+"""Train a character-level GLA or Transformer++ on Tiny Shakespeare (chapter 9).
+
+    python -m glalearn.train --preset tiny-cpu --out runs/tiny
+    python -m glalearn.train --preset shakespeare-gla --out runs/gla            # the shipped model (GPU)
+    python -m glalearn.train --preset shakespeare-gla --out runs/gla --resume   # continue after a stop
+
+AdamW, linear warmup then cosine decay to a tenth of the peak learning rate, gradient clipping,
+validation every ``eval_interval`` steps on a fixed set of validation windows, a tqdm progress bar, and a
+JSON log (``train_log.json``) of the loss, learning rate and throughput of every step. Checkpoints are
+safetensors + JSON, never pickles:
+
+    model.safetensors    the weights (in ``save_dtype``)        + config.json (model, tokenizer, training)
+    train_state.safetensors  float32 weights and AdamW moments   + train_state.json (step, ...)  for --resume
+
+Batches are a pure function of (seed, step): step s samples one global batch of windows from a
+generator seeded with (seed, s). A resumed run therefore sees exactly the batches an uninterrupted one
+would, and a data-parallel run (``torchrun``, rank r of N) takes rows r·B/N ... (r+1)·B/N of that same
+global batch, so N ranks compute the gradient one process would (issue 9). Logging, the progress bar
+and checkpoints happen on rank 0 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from glalearn.data import sample_batch, shakespeare_splits, shakespeare_tokenizer, tokenizer_from_dict
+from glalearn.model import CausalLM, GLAConfig, LMConfig, TransformerConfig, build_model, config_from_dict
+
+
+# ----------------------------------------------------------------------------- configuration
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on (chapter 9). ``model`` is a model config's dict."""
+
+    model: dict
+    steps: int = 1000
+    batch_size: int = 64  # the global batch, in windows, split over ranks and accumulation steps
+    context: int = 256
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    betas: tuple = (0.9, 0.95)
+    grad_clip: float = 1.0
+    accum_steps: int = 1
+    eval_interval: int = 250
+    eval_batches: int = 8  # validation windows: eval_batches × batch_size, fixed for the whole run
+    log_interval: int = 10  # host-device syncs for the log happen every log_interval steps
+    checkpoint_interval: int = 500
+    seed: int = 1337
+    device: str = "auto"
+    amp_dtype: str | None = None  # "bfloat16": autocast the matmuls on a GPU
+    save_dtype: str = "float32"  # dtype of model.safetensors ("float16" halves the file)
+    compile: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+
+def _gla(**kw) -> dict:
+    return GLAConfig(**kw).to_dict()
+
+
+def _transformer(**kw) -> dict:
+    return TransformerConfig(**kw).to_dict()
+
+
+# The shipped pair: the same shapes (d_model 256, 6 layers, 4 heads, SwiGLU 688; 4.82M vs 4.78M
+# parameters) and the same budget (steps × batch × context).
+SHIPPED = {"d_model": 256, "n_layers": 6, "num_heads": 4, "context_length": 256, "dropout": 0.1}
+SHIPPED_TRAINING = {"steps": 5000, "batch_size": 64, "context": 256, "lr": 2e-3, "warmup_steps": 200,
+                    "eval_interval": 250, "eval_batches": 8, "checkpoint_interval": 1000, "amp_dtype": "bfloat16",
+                    "save_dtype": "float16"}
+
+PRESETS: dict[str, TrainConfig] = {
+    "shakespeare-gla": TrainConfig(model=_gla(**SHIPPED, backend="chunk", chunk_size=32), **SHIPPED_TRAINING),
+    "shakespeare-transformer": TrainConfig(model=_transformer(**SHIPPED), **SHIPPED_TRAINING),
+    # A small GLA that trains on a 2-core CPU in minutes.
+    "tiny-cpu": TrainConfig(model=_gla(d_model=128, n_layers=4, num_heads=4, context_length=128),
+                            steps=1500, batch_size=32, context=128, lr=3e-3, warmup_steps=100,
+                            eval_interval=250, eval_batches=8, checkpoint_interval=500, device="cpu"),
+    "tiny-cpu-transformer": TrainConfig(model=_transformer(d_model=128, n_layers=4, num_heads=4, context_length=128),
+                                        steps=1500, batch_size=32, context=128, lr=3e-3, warmup_steps=100,
+                                        eval_interval=250, eval_batches=8, checkpoint_interval=500, device="cpu"),
+}
+
+
+def preset(name: str, **overrides) -> TrainConfig:
+    """A copy of a preset's TrainConfig with fields replaced (``model`` overrides go in ``model=dict``)."""
+    if name not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
+    cfg = dataclasses.replace(PRESETS[name], model=dict(PRESETS[name].model))
+    model_overrides = overrides.pop("model", {})
+    cfg = dataclasses.replace(cfg, **overrides)
+    cfg.model.update(model_overrides)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- distributed hooks
+@dataclass
+class Dist:
+    """Where this process sits in a (possibly one-process) data-parallel run."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> Dist:
+        """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK (one process without them)."""
+        return cls(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
+                   int(os.environ.get("LOCAL_RANK", "0")))
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+
+def resolve_device(name: str, dist: Dist) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", dist.local_rank)
+    return device
+
+
+# ----------------------------------------------------------------------------- schedule
+def learning_rate(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to cfg.lr over warmup_steps, then cosine decay to lr·min_lr_ratio at cfg.steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on the matrices only (not on norms, biases or the gate's bias)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kwargs = {"fused": True} if next(model.parameters()).is_cuda else {}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), **kwargs)
+
+
+def batch_generator(cfg: TrainConfig, step: int) -> torch.Generator:
+    """The generator that draws step ``step``'s global batch: a function of (seed, step) only."""
+    return torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def save_checkpoint(model: CausalLM, out: Path, extra_config: dict, save_dtype: str = "float32") -> None:
+    """model.safetensors (weights in ``save_dtype``) + config.json (model config, tokenizer, ``extra_config``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[save_dtype]
+    tensors = _state_tensors(model, dtype)
+    config = {"model": model.config.to_dict(), "tokenizer": model.tokenizer.to_dict(), "save_dtype": save_dtype,
+              **extra_config}
+    _atomic_write_safetensors(tensors, out / "model.safetensors", {"format": "pt"})
+    _atomic_write_json(config, out / "config.json")
+
+
+def _state_tensors(model: CausalLM, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    state = model.state_dict()
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight")
+    return {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
+
+
+def _atomic_write_safetensors(tensors, path: Path, metadata=None) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def _atomic_write_json(data, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> CausalLM:
+    """Rebuild a model from a folder with model.safetensors + config.json (float32, eval mode, tokenizer)."""
+    path = Path(path)
+    config = json.loads((path / "config.json").read_text())
+    model = build_model(config_from_dict(config["model"]))
+    tensors = load_file(str(path / "model.safetensors"))
+    missing, unexpected = model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
+    allowed_missing = {"lm_head.weight"} if model.config.tie_embeddings else set()
+    if set(missing) - allowed_missing or unexpected:
+        raise ValueError(f"{path / 'model.safetensors'} does not match its config: missing {sorted(missing)}, "
+                         f"unexpected {sorted(unexpected)}")
+    model.tokenizer = tokenizer_from_dict(config["tokenizer"])
+    return model.to(device).eval()
+
+
+def _save_train_state(model, optimizer, step: int, out: Path, log: dict) -> None:
+    tensors = {f"model.{k}": v for k, v in _state_tensors(model, torch.float32).items()}
+    opt = optimizer.state_dict()
+    for idx, st in opt["state"].items():
+        for name, value in st.items():
+            tensors[f"opt.{idx}.{name}"] = value.detach().to("cpu").reshape(value.shape).contiguous()
+    _atomic_write_safetensors(tensors, out / "train_state.safetensors")
+    _atomic_write_json({"step": step, "param_groups": opt["param_groups"]}, out / "train_state.json")
+    _atomic_write_json(log, out / "train_log.json")
+
+
+def _load_train_state(model, optimizer, out: Path) -> int:
+    meta = json.loads((out / "train_state.json").read_text())
+    tensors = load_file(str(out / "train_state.safetensors"))
+    device = next(model.parameters()).device
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")},
+                          strict=not model.config.tie_embeddings)
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value if name == "step" else value.to(device)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return int(meta["step"])
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def estimate_val_loss(model: CausalLM, val_ids, cfg: TrainConfig, device: torch.device, amp) -> float:
+    """Mean loss over a fixed set of eval_batches × batch_size validation windows (same every call)."""
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(cfg.seed + 99_991)
+    total = torch.zeros((), device=device, dtype=torch.float64)
+    for _ in range(cfg.eval_batches):
+        x, y = sample_batch(val_ids, cfg.batch_size, cfg.context, gen, device)
+        with amp():
+            total += model.loss(x, y).double()
+    model.train(was_training)
+    return float(total / cfg.eval_batches)
+
+
+def machine_info(device: torch.device) -> dict:
+    import platform
+
+    info = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
+            "date": time.strftime("%Y-%m-%d", time.gmtime())}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    else:
+        info["cpu_threads"] = torch.get_num_threads()
+    return info
+
+
+# ----------------------------------------------------------------------------- the loop
+def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True,
+          dist: Dist | None = None, command: str | None = None) -> dict:
+    """Train per ``cfg``, writing checkpoints and the log under ``out``; returns the log dict (chapter 9)."""
+    out = Path(out)
+    dist = dist or Dist.from_env()
+    device = resolve_device(cfg.device, dist)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if cfg.batch_size % (dist.world_size * cfg.accum_steps):
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by world_size × accum_steps = "
+                         f"{dist.world_size} × {cfg.accum_steps}")
+    tokenizer = shakespeare_tokenizer()
+    train_ids, val_ids = shakespeare_splits()
+    mcfg: LMConfig = config_from_dict(cfg.model)
+    if mcfg.vocab_size != tokenizer.vocab_size:
+        raise ValueError(f"model vocab_size {mcfg.vocab_size} != tokenizer's {tokenizer.vocab_size}")
+    torch.manual_seed(cfg.seed)
+    model = build_model(mcfg).to(device)
+    model.tokenizer = tokenizer
+    if device.type == "cuda":
+        for block in model.blocks:
+            if hasattr(block.mixer, "check_inputs"):
+                block.mixer.check_inputs = False  # no host-device sync per layer
+    optimizer = make_optimizer(model, cfg)
+    start_step = 0
+    log = {"preset": cfg.extra.get("preset"), "command": command, "train_config": cfg.to_dict(),
+           "parameters": model.num_parameters(), "machine": machine_info(device), "world_size": dist.world_size,
+           "steps": [], "evals": []}
+    if resume and (out / "train_state.json").exists():
+        start_step = _load_train_state(model, optimizer, out)
+        old = json.loads((out / "train_log.json").read_text())
+        log["steps"] = [r for r in old["steps"] if r["step"] < start_step]
+        log["evals"] = [r for r in old["evals"] if r["step"] <= start_step]
+        log["resumed_at"] = old.get("resumed_at", []) + [start_step]
+    elif resume and dist.is_main:
+        print(f"--resume: no train_state.json in {out}, starting from step 0", file=sys.stderr)
+    train_model = model
+    if dist.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    step_fn = torch.compile(train_model) if cfg.compile else train_model
+    amp_dtype = {None: None, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.amp_dtype]
+
+    def amp():
+        if amp_dtype is None or device.type != "cuda":
+            return nullcontext()
+        return torch.autocast("cuda", dtype=amp_dtype)
+
+    per_rank = cfg.batch_size // dist.world_size
+    micro = per_rank // cfg.accum_steps
+    tokens_per_step = cfg.batch_size * cfg.context
+    bar = None
+    if progress and dist.is_main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start_step, desc=cfg.extra.get("preset") or "train", unit="step")
+    if dist.is_main and start_step == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    model.train()
+    pending: list[tuple[int, torch.Tensor, float]] = []  # (step, loss on device, lr)
+    t_last = time.perf_counter()
+    t_start = t_last
+    elapsed0 = log["steps"][-1]["elapsed_s"] if log["steps"] else 0.0
+
+    def flush(step_done: int):
+        nonlocal t_last
+        if not pending:
+            return
+        losses = torch.stack([p[1] for p in pending]).tolist()  # one sync for the whole interval
+        now = time.perf_counter()
+        tps = tokens_per_step * len(pending) / (now - t_last)
+        for (s, _, lr), loss in zip(pending, losses):
+            log["steps"].append({"step": s, "loss": round(loss, 5), "lr": round(lr, 7),
+                                 "tokens_per_s": round(tps, 1), "elapsed_s": round(elapsed0 + now - t_start, 3)})
+        if bar is not None:
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tps:,.0f}")
+            bar.update(step_done - bar.n)
+        pending.clear()
+        t_last = now
+
+    for step in range(start_step, cfg.steps):
+        lr = learning_rate(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        gen = batch_generator(cfg, step)
+        x, y = sample_batch(train_ids, cfg.batch_size, cfg.context, gen, device,
+                            rows=slice(dist.rank * per_rank, (dist.rank + 1) * per_rank))
+        torch.manual_seed(cfg.seed + 7919 * step + dist.rank)  # dropout masks: a function of the step
+        step_loss = torch.zeros((), device=device)
+        for a in range(cfg.accum_steps):
+            xs, ys = x[a * micro:(a + 1) * micro], y[a * micro:(a + 1) * micro]
+            sync = a == cfg.accum_steps - 1 or dist.world_size == 1
+            ctx = nullcontext() if sync else train_model.no_sync()
+            with ctx:
+                with amp():
+                    logits = step_fn(xs)
+                    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ys.reshape(-1))
+                (loss / cfg.accum_steps).backward()
+            step_loss += loss.detach() / cfg.accum_steps
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if dist.world_size > 1:
+            torch.distributed.all_reduce(step_loss)
+            step_loss /= dist.world_size
+        pending.append((step, step_loss, lr))
+        done = step + 1
+        if done % cfg.log_interval == 0 or done == cfg.steps:
+            flush(done)
+        paused = False
+        if done % cfg.eval_interval == 0 or done == cfg.steps:
+            flush(done)
+            paused = True
+            val = estimate_val_loss(model, val_ids, cfg, device, amp)
+            train_loss = sum(r["loss"] for r in log["steps"][-cfg.log_interval:]) / min(cfg.log_interval,
+                                                                                         len(log["steps"]))
+            log["evals"].append({"step": done, "val_loss": round(val, 5), "train_loss": round(train_loss, 5)})
+            if bar is not None:
+                bar.write(f"step {done}: train {train_loss:.4f}  val {val:.4f}")
+        if done % cfg.checkpoint_interval == 0 or done == cfg.steps:
+            flush(done)
+            if dist.is_main:
+                _save_train_state(model, optimizer, done, out, log)
+                save_checkpoint(model, out, {"train": cfg.to_dict(), "step": done}, cfg.save_dtype)
+            dist.barrier()
+            paused = True
+        if paused:  # evaluation and checkpoints stay out of the throughput
+            t_last = time.perf_counter()
+    if bar is not None:
+        bar.close()
+    if dist.is_main:
+        final = log["evals"][-1]["val_loss"] if log["evals"] else None
+        log["final_val_loss"] = final
+        _atomic_write_json(log, out / "train_log.json")
+    return log
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m glalearn.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    parser.add_argument("--out", required=True, help="folder for checkpoints and train_log.json")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/train_state.safetensors")
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--accum-steps", type=int)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--device")
+    parser.add_argument("--eval-interval", type=int)
+    parser.add_argument("--backend", help="GLA backend: recurrent, chunk, two_level, flash, auto")
+    parser.add_argument("--chunk-size", type=int, help="GLA chunk size of the chunk / two_level backends")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    overrides = {name: getattr(args, attr) for name, attr in [
+        ("steps", "steps"), ("batch_size", "batch_size"), ("accum_steps", "accum_steps"), ("lr", "lr"),
+        ("seed", "seed"), ("device", "device"), ("eval_interval", "eval_interval")] if getattr(args, attr) is not None}
+    if args.compile:
+        overrides["compile"] = True
+    cfg = preset(args.preset, **overrides)
+    if args.backend:
+        if cfg.model.get("model_type") != "gla":
+            parser.error("--backend applies to GLA presets only")
+        cfg.model["backend"] = args.backend
+    if args.chunk_size:
+        if cfg.model.get("model_type") != "gla":
+            parser.error("--chunk-size applies to GLA presets only")
+        cfg.model["chunk_size"] = args.chunk_size
+    cfg.extra = {**cfg.extra, "preset": args.preset}
+    dist = Dist.from_env()
+    if dist.world_size > 1:
+        backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
+        torch.distributed.init_process_group(backend)
+    try:
+        command = "python -m glalearn.train " + " ".join(sys.argv[1:] if argv is None else argv)
+        log = train(cfg, args.out, resume=args.resume, progress=not args.no_progress, dist=dist, command=command)
+        if dist.is_main:
+            print(f"final validation loss {log['final_val_loss']:.4f} (nats/char); checkpoint in {args.out}")
+    finally:
+        if dist.world_size > 1:
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
