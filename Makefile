@@ -34,9 +34,15 @@ NBVAL := --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovi
 test: $(STAMP)
 	TRITON_INTERPRET=1 MPLBACKEND=Agg $(PY) -m pytest -q $(NBVAL) tests $(NOTEBOOKS) $(PYTEST_ARGS)
 
-# Library, kernel and exercise tests only, without the notebooks.
+# Library, kernel and exercise tests only, without the notebooks (nor the browser test).
 test-unit: $(STAMP)
-	TRITON_INTERPRET=1 $(PY) -m pytest -q tests $(PYTEST_ARGS)
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests --ignore=tests/browser $(PYTEST_ARGS)
+
+# Chapter 1 and exercise 1 in JupyterLab, driven in Debian's Chromium by Playwright (installs chromium
+# with apt-get when missing; never downloads a browser). Screenshots: test-artifacts/browser/.
+# Also part of `make test`.
+test-browser: $(STAMP)
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/browser $(PYTEST_ARGS)
 
 test-notebooks: $(STAMP)
 	TRITON_INTERPRET=1 MPLBACKEND=Agg $(PY) -m pytest -q $(NBVAL) $(NOTEBOOKS) $(PYTEST_ARGS)

@@ -1,0 +1,200 @@
+"""The book as a learner meets it: chapter 1 and its exercises in JupyterLab, in a real browser.
+
+A learner opens ``chapters/01_*.ipynb``, runs all cells, drags the gate-decay explorer's τ slider and
+expects the plot to change; then opens ``exercises/01_*.ipynb``, runs it with the stubs unfilled and
+expects a friendly "not started" message rather than a traceback. This test does exactly that in
+Chromium (see conftest.py for how the browser and the server are started and removed). Screenshots go
+to ``test-artifacts/browser/``.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "browser"  # git-ignored
+RUN_TIMEOUT_S = 150  # chapters run in under 60 s on a 2-core CPU under nbval
+NOT_STARTED = re.compile(r"not (yet )?started", re.IGNORECASE)
+TRACEBACK = re.compile(r"Traceback \(most recent call last\)|^\w*(Error|Exception)\b.*$", re.MULTILINE)
+
+
+def artifacts_dir() -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return ARTIFACTS
+
+
+def _notebook(lab, folder: str) -> Path:
+    found = sorted((lab.source / folder).glob("01_*.ipynb"))
+    assert found, f"no {folder}/01_*.ipynb in {lab.source}"
+    return found[0]
+
+
+def _code_cells_to_run(path: Path) -> int:
+    nb = nbformat.read(path, as_version=4)
+    assert nb.metadata.get("kernelspec", {}).get("name"), f"{path.name} has no kernelspec: JupyterLab would ask"
+    return sum(1 for cell in nb.cells if cell.cell_type == "code" and cell.source.strip())
+
+
+def _open(page, lab, relpath: str) -> None:
+    """Open a notebook and wait until its kernel has started and is idle.
+
+    The server must list a kernel for this notebook, and the toolbar's execution indicator must then
+    read "idle" for a second: the indicator alone reads "idle" for a moment before the kernel exists,
+    and a Run All in that moment makes JupyterLab ask for a kernel.
+    """
+    page.goto(lab.url(relpath), wait_until="domcontentloaded")
+    panel = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden)")
+    panel.locator(".jp-Cell").first.wait_for(state="visible", timeout=60_000)
+    deadline = time.monotonic() + 90
+    while not any(s["path"] == relpath and s.get("kernel") for s in lab.api("sessions")):
+        assert time.monotonic() < deadline, f"JupyterLab started no kernel for {relpath}:\n{lab.log_tail()}"
+        assert page.locator(".jp-Dialog").count() == 0, f"JupyterLab asks: {page.locator('.jp-Dialog').inner_text()}"
+        page.wait_for_timeout(250)
+    indicator = panel.locator(".jp-Notebook-ExecutionIndicator")
+    idle_since = None
+    while idle_since is None or time.monotonic() - idle_since < 1.0:
+        assert time.monotonic() < deadline, f"the kernel of {relpath} is not idle: {indicator.get_attribute('data-status')}"
+        idle = indicator.count() == 1 and indicator.get_attribute("data-status") == "idle"
+        idle_since = (idle_since or time.monotonic()) if idle else None
+        page.wait_for_timeout(200)
+    assert page.locator(".jp-Dialog").count() == 0, f"JupyterLab asks: {page.locator('.jp-Dialog').inner_text()}"
+
+
+def _run_all(page) -> None:
+    """Run → Run All Cells, through the menu bar as a learner would."""
+    page.locator(".lm-MenuBar-item", has_text=re.compile(r"^Run$")).click()
+    page.locator(".lm-Menu-item", has_text=re.compile(r"^Run All Cells")).first.click()
+
+
+_PROMPTS_JS = """() => Array.from(document.querySelectorAll(
+    '.jp-NotebookPanel:not(.lm-mod-hidden) .jp-CodeCell .jp-InputPrompt')).map(e => e.textContent.trim())"""
+
+
+def _wait_for_run(page, expected: int, timeout_s: float = RUN_TIMEOUT_S) -> list[str]:
+    """Wait until no cell is queued or running ("[*]"); return the code cells' prompts."""
+    deadline, started = time.monotonic() + timeout_s, False
+    while time.monotonic() < deadline:
+        prompts = page.evaluate(_PROMPTS_JS)
+        running = any("*" in p for p in prompts)
+        started = started or running or sum(bool(re.search(r"\[\d+\]", p)) for p in prompts) >= expected
+        if started and not running:
+            page.wait_for_timeout(500)  # let the last outputs and widget views land
+            if not any("*" in p for p in page.evaluate(_PROMPTS_JS)):
+                return page.evaluate(_PROMPTS_JS)
+        page.wait_for_timeout(250)
+    raise AssertionError(f"cells still running after {timeout_s:.0f} s: {page.evaluate(_PROMPTS_JS)}")
+
+
+def _visible_errors(page) -> list[str]:
+    """Texts of stderr/error outputs that look like tracebacks (JupyterLab renders errors as stderr)."""
+    texts = page.evaluate("""() => Array.from(document.querySelectorAll(
+        '.jp-NotebookPanel:not(.lm-mod-hidden) .jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]'
+        )).map(e => e.innerText)""")
+    return [t for t in texts if TRACEBACK.search(t)]
+
+
+def _output_texts(page) -> list[str]:
+    return page.evaluate("""() => Array.from(document.querySelectorAll(
+        '.jp-NotebookPanel:not(.lm-mod-hidden) .jp-OutputArea-output')).map(e => e.innerText)""")
+
+
+def _check_ran_cleanly(page, name: str, expected: int, prompts: list[str]) -> None:
+    errors = _visible_errors(page)
+    assert not errors, f"{name}: a cell shows an error in JupyterLab:\n" + "\n---\n".join(e[-2000:] for e in errors)
+    done = sum(bool(re.search(r"\[\d+\]", p)) for p in prompts)
+    assert done == expected, f"{name}: {done} of {expected} code cells ran (prompts {prompts})"
+
+
+def _screenshot(locator, name: str) -> Path:
+    path = artifacts_dir() / name
+    locator.screenshot(path=str(path))
+    return path
+
+
+def _image_state(image) -> dict:
+    return image.evaluate("img => ({src: img.src, width: img.naturalWidth, complete: img.complete})")
+
+
+def test_chapter_1_runs_and_the_tau_slider_redraws_the_gate_decay_explorer(page, lab):
+    source = _notebook(lab, "chapters")
+    expected = _code_cells_to_run(source)
+    _open(page, lab, f"chapters/{source.name}")
+    _run_all(page)
+    prompts = _wait_for_run(page, expected)
+    _check_ran_cleanly(page, source.name, expected, prompts)
+
+    # The explorer: a widget box holding the τ slider and an Output widget with the figure.
+    tau = page.locator(".widget-slider", has=page.locator(".widget-label", has_text="τ"))
+    if tau.count() == 0:
+        widgets = [t[:200] for t in _output_texts(page) if "Box(" in t or "widget" in t.lower()]
+        pytest.fail(f"no τ slider rendered in {source.name} (is the ipywidgets front end active?); "
+                    f"widget-like outputs: {widgets}")
+    tau = tau.first
+    explorer = page.locator(".widget-vbox", has=tau).filter(has=page.locator(".widget-output img")).last
+    assert explorer.count() == 1, "the τ slider is not in a box with the explorer's figure"
+    assert explorer.locator(".widget-slider").count() >= 2, "the explorer should show its τ and bias sliders"
+    image = explorer.locator(".widget-output img").first
+    explorer.scroll_into_view_if_needed()
+    before = _image_state(image)
+    assert before["complete"] and before["width"] > 0, "the explorer's figure did not load as an image"
+    readout = tau.locator(".widget-readout")
+    tau_before = float(readout.inner_text())
+    _screenshot(explorer, "explorer_before.png")
+
+    # Drag the τ handle a third of the track to the left, as a learner would with the mouse.
+    handle, track = tau.locator(".noUi-handle").first, tau.locator(".noUi-target, .slider").first
+    hbox, tbox = handle.bounding_box(), track.bounding_box()
+    assert hbox and tbox, "the τ slider has no on-screen handle"
+    x, y = hbox["x"] + hbox["width"] / 2, hbox["y"] + hbox["height"] / 2
+    page.mouse.move(x, y)
+    page.mouse.down()
+    page.mouse.move(x - tbox["width"] / 3, y, steps=12)
+    page.mouse.up()
+
+    deadline, after = time.monotonic() + 30, before
+    while time.monotonic() < deadline:
+        after = _image_state(image)
+        if after["src"] != before["src"] and after["complete"] and after["width"] > 0:
+            break
+        page.wait_for_timeout(200)
+    tau_after = float(readout.inner_text())
+    _screenshot(explorer, "explorer_after.png")
+    assert tau_after < tau_before, f"dragging the τ handle left did not lower τ ({tau_before} -> {tau_after})"
+    redrawn = after["src"] != before["src"]
+    assert redrawn, f"τ moved {tau_before} -> {tau_after} but the plot was not redrawn"
+    assert after["width"] > 0, "the redrawn figure did not load as an image"
+
+    # The keyboard works too: the focused handle moves one step per arrow key.
+    handle.focus()
+    page.keyboard.press("ArrowRight")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and float(readout.inner_text()) == tau_after:
+        page.wait_for_timeout(200)
+    assert float(readout.inner_text()) > tau_after, "the arrow key did not move the focused τ slider"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and _image_state(image)["src"] == after["src"]:
+        page.wait_for_timeout(200)
+    redrawn = _image_state(image)["src"] != after["src"]
+    assert redrawn, "a keyboard move of τ did not redraw the plot"
+    assert not _visible_errors(page), "moving the sliders printed an error"
+
+
+def test_exercise_1_check_on_a_stub_says_not_started(page, lab):
+    source = _notebook(lab, "exercises")
+    expected = _code_cells_to_run(source)
+    _open(page, lab, f"exercises/{source.name}")
+    _run_all(page)
+    prompts = _wait_for_run(page, expected)
+    _check_ran_cleanly(page, source.name, expected, prompts)
+    texts = _output_texts(page)
+    started = [t for t in texts if NOT_STARTED.search(t)]
+    if started:
+        page.locator(".jp-OutputArea-output", has_text=NOT_STARTED).first.scroll_into_view_if_needed()
+    page.screenshot(path=str(artifacts_dir() / "exercise_01_not_started.png"))
+    assert started, f"no check cell said 'not started' on the unfilled stubs; outputs: {[t[:200] for t in texts]}"
