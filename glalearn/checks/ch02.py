@@ -1,0 +1,3 @@
+"""placeholder"""
+NOTEBOOK = "x02"
+EXERCISES = []

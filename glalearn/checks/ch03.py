@@ -1,0 +1,3 @@
+"""placeholder"""
+NOTEBOOK = "x03"
+EXERCISES = []

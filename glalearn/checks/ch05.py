@@ -1,0 +1,3 @@
+"""placeholder"""
+NOTEBOOK = "x05"
+EXERCISES = []
