@@ -20,6 +20,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "browser"  # git-ignored
 RUN_TIMEOUT_S = 150  # chapters run in under 60 s on a 2-core CPU under nbval
+CHECK_CALL = re.compile(r"^(?!\s*def\s).*\bcheck\(", re.MULTILINE)  # a call glalearn.check(...) / check(...)
 NOT_STARTED = re.compile(r"not (yet )?started", re.IGNORECASE)
 TRACEBACK = re.compile(r"Traceback \(most recent call last\)|^\w*(Error|Exception)\b.*$", re.MULTILINE)
 
@@ -35,10 +36,11 @@ def _notebook(lab, folder: str) -> Path:
     return found[0]
 
 
-def _code_cells_to_run(path: Path) -> int:
+def _code_cells(path: Path) -> list[tuple[int, str]]:
+    """(index among all cells, source) of every non-empty code cell; the notebook must name its kernel."""
     nb = nbformat.read(path, as_version=4)
     assert nb.metadata.get("kernelspec", {}).get("name"), f"{path.name} has no kernelspec: JupyterLab would ask"
-    return sum(1 for cell in nb.cells if cell.cell_type == "code" and cell.source.strip())
+    return [(i, cell.source) for i, cell in enumerate(nb.cells) if cell.cell_type == "code" and cell.source.strip()]
 
 
 def _open(page, lab, relpath: str) -> None:
@@ -66,10 +68,10 @@ def _open(page, lab, relpath: str) -> None:
     assert page.locator(".jp-Dialog").count() == 0, f"JupyterLab asks: {page.locator('.jp-Dialog').inner_text()}"
 
 
-def _run_all(page) -> None:
-    """Run → Run All Cells, through the menu bar as a learner would."""
+def _run_menu(page, item: str) -> None:
+    """Run → <item>, through the menu bar as a learner would."""
     page.locator(".lm-MenuBar-item", has_text=re.compile(r"^Run$")).click()
-    page.locator(".lm-Menu-item", has_text=re.compile(r"^Run All Cells")).first.click()
+    page.locator(".lm-Menu-item", has_text=re.compile("^" + re.escape(item))).first.click()
 
 
 _PROMPTS_JS = """() => Array.from(document.querySelectorAll(
@@ -123,9 +125,9 @@ def _image_state(image) -> dict:
 
 def test_chapter_1_runs_and_the_tau_slider_redraws_the_gate_decay_explorer(page, lab):
     source = _notebook(lab, "chapters")
-    expected = _code_cells_to_run(source)
+    expected = len(_code_cells(source))
     _open(page, lab, f"chapters/{source.name}")
-    _run_all(page)
+    _run_menu(page, "Run All Cells")
     prompts = _wait_for_run(page, expected)
     _check_ran_cleanly(page, source.name, expected, prompts)
 
@@ -187,14 +189,29 @@ def test_chapter_1_runs_and_the_tau_slider_redraws_the_gate_decay_explorer(page,
 
 def test_exercise_1_check_on_a_stub_says_not_started(page, lab):
     source = _notebook(lab, "exercises")
-    expected = _code_cells_to_run(source)
+    code = _code_cells(source)
+    checks = [i for i, src in code if CHECK_CALL.search(src)]
+    assert checks, f"{source.name} has no check cell (a code cell calling check(...))"
+    first_check = checks[0]
     _open(page, lab, f"exercises/{source.name}")
-    _run_all(page)
-    prompts = _wait_for_run(page, expected)
-    _check_ran_cleanly(page, source.name, expected, prompts)
-    texts = _output_texts(page)
-    started = [t for t in texts if NOT_STARTED.search(t)]
-    if started:
-        page.locator(".jp-OutputArea-output", has_text=NOT_STARTED).first.scroll_into_view_if_needed()
+
+    # Select the first check cell, run everything above it, then the check cell itself: the stub above
+    # it is unfilled, so the check must say "not started" rather than show a traceback.
+    cell = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook .jp-Cell").nth(first_check)
+    cell.scroll_into_view_if_needed()
+    cell.locator(".jp-InputPrompt").click()
+    above = sum(1 for i, _ in code if i < first_check)
+    _run_menu(page, "Run All Above Selected Cell")
+    _check_ran_cleanly(page, source.name + " (cells above the check)", above, _wait_for_run(page, above))
+    cell.locator(".jp-InputPrompt").click()
+    _run_menu(page, "Run Selected Cell")
+    prompts = _wait_for_run(page, above + 1)
+    _check_ran_cleanly(page, source.name + " (up to the check cell)", above + 1, prompts)
+
+    outputs = cell.locator(".jp-OutputArea-output")
+    texts = outputs.all_inner_texts()
+    cell.scroll_into_view_if_needed()
     page.screenshot(path=str(artifacts_dir() / "exercise_01_not_started.png"))
-    assert started, f"no check cell said 'not started' on the unfilled stubs; outputs: {[t[:200] for t in texts]}"
+    assert any(NOT_STARTED.search(t) for t in texts), (
+        f"the check cell on an unfilled stub did not say 'not started'; its outputs: {[t[:300] for t in texts]}")
+    assert not any(TRACEBACK.search(t) for t in texts), f"the check cell shows a traceback: {texts}"
