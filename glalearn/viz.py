@@ -254,9 +254,25 @@ def _explorer_class():
             self.curves = None
             super().__init__([self.tau_slider, self.bias_slider, self.pattern_dropdown, self.summary,
                               self.output])
+            self.error = None
             for control in (self.tau_slider, self.bias_slider, self.pattern_dropdown):
-                control.observe(self.update, names="value")
+                control.observe(self._on_change, names="value")
             self.update()
+
+        def _on_change(self, change) -> None:
+            # A slider callback's exception would only reach the kernel's log, out of the learner's
+            # sight: show it where the figure was instead (update() called directly still raises).
+            try:
+                self.update()
+                self.error = None
+            except Exception as exc:  # noqa: BLE001 - shown to the learner, kept on self.error
+                import traceback
+
+                self.error = exc
+                self.output.outputs = ({
+                    "output_type": "error", "ename": type(exc).__name__, "evalue": str(exc),
+                    "traceback": traceback.format_exception(type(exc), exc, exc.__traceback__),
+                },)
 
         def update(self, change=None) -> GateDecayCurves:
             """Recompute the curves for the current control values and redraw the figure."""

@@ -161,3 +161,19 @@ def test_explorer_widget_redraws_when_controls_move():
 def test_explorer_rejects_a_bad_pattern():
     with pytest.raises(ValueError, match="pattern must be one of"):
         viz.gate_decay_explorer(pattern="zigzag")
+
+
+def test_explorer_shows_a_callback_error_in_place_and_update_raises(monkeypatch):
+    explorer = viz.gate_decay_explorer(T=16, key_dim=2)
+    assert explorer.error is None
+
+    def broken(**kwargs):
+        raise RuntimeError("broken gate")
+
+    monkeypatch.setattr(viz, "gate_decay_curves", broken)
+    explorer.tau_slider.value = 3  # the callback must not swallow the error silently
+    assert isinstance(explorer.error, RuntimeError)
+    (shown,) = explorer.output.outputs
+    assert shown["output_type"] == "error" and shown["evalue"] == "broken gate"
+    with pytest.raises(RuntimeError, match="broken gate"):
+        explorer.update()
