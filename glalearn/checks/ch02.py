@@ -1,3 +1,124 @@
-"""placeholder"""
-NOTEBOOK = "x02"
-EXERCISES = []
+"""Chapter 2 exercises: the naive parallel form and the stable log-space parallel form."""
+
+from __future__ import annotations
+
+import torch
+
+from glalearn.checks.core import Case, Exercise, Mistake
+from glalearn.checks.inputs import gla_inputs, label
+from glalearn.forms.parallel import parallel_gla
+
+NOTEBOOK = "02_parallel_form"
+
+
+def _reference(q, k, v, g, scale=None):
+    return parallel_gla(q, k, v, g, scale=scale)[0]
+
+
+def _cases(grid):
+    def make(gen: torch.Generator) -> list[Case]:
+        cases = []
+        for B, T, H, K, V, tau in grid:
+            x = gla_inputs(gen, B, T, H, K, V, tau)
+            cases.append(Case(label(B=B, T=T, H=H, K=K, V=V, tau=tau), (x["q"], x["k"], x["v"], x["g"])))
+        return cases
+    return make
+
+
+def _naive(q, k, v, g, scale=None, diagonal=0, causal=True, cumulative="inclusive", log_space=False):
+    """The parallel form with switches for the usual slips ([B, T, H, *] in, [B, T, H, V] out)."""
+    K = q.shape[-1]
+    scale = K ** -0.5 if scale is None else scale
+    q, k, v, g = (x.transpose(1, 2) for x in (q, k, v, g))  # [B, H, T, *]
+    if cumulative == "inclusive":
+        G = g.cumsum(2)
+    elif cumulative == "exclusive":
+        G = g.cumsum(2) - g
+    else:  # one step's gate, no product over time
+        G = g
+    T = q.shape[2]
+    mask = torch.ones(T, T, dtype=torch.bool).tril(diagonal) if causal else torch.ones(T, T, dtype=torch.bool)
+    if log_space:
+        diff = (G[:, :, :, None, :] - G[:, :, None, :, :]).masked_fill(~mask[:, :, None], float("-inf"))
+        P = (q[:, :, :, None, :] * k[:, :, None, :, :] * diff.exp()).sum(-1)
+    else:
+        P = ((q * G.exp()) @ (k * (-G).exp()).transpose(-1, -2)).masked_fill(~mask, 0.0)
+    return (scale * P @ v).transpose(1, 2)
+
+
+NAIVE = Exercise(
+    id="2.1",
+    title="the naive parallel form",
+    points=2,
+    signature="parallel_gla_naive(q, k, v, g, scale=None) -> o",
+    statement=(
+        "Unroll the recurrence into one attention-like product (paper Eq. 4, first form). With the "
+        "cumulative log decay $G_t = g_1 + \\dots + g_t$ and $b_t = \\exp(G_t)$:\n\n"
+        "$O = \\text{scale}\\cdot\\big((Q \\odot B)(K / B)^\\top \\odot M\\big) V$, "
+        "$M$ the causal mask ($s \\le t$).\n\n"
+        "Shapes: `q`, `k`, `g` `[B, T, H, K]`, `v` `[B, T, H, V]`, `scale` default `K ** -0.5`. "
+        "Return `o` `[B, T, H, V]`. The check uses gentle gates (τ = 1, 16), where $K/B$ stays finite; "
+        "exercise 2.2 shows what strong gates do to it."
+    ),
+    hints=(
+        "Put heads next to batch first: q.transpose(1, 2) is [B, H, T, K]; every product is then per (b, h).",
+        "G = g.cumsum(dim=time); Q⊙B = q * G.exp(); K/B = k * (-G).exp(); P = (Q⊙B) @ (K/B)ᵀ is [B, H, T, T].",
+        ("P = P.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), 0) keeps s ≤ t (the diagonal too); "
+         "o = scale * P @ v, then transpose back to [B, T, H, V]."),
+    ),
+    reference=_reference,
+    cases=_cases(((1, 1, 1, 16, 16, 1.0), (2, 63, 2, 20, 36, 16.0), (1, 65, 3, 60, 100, 1.0), (1, 40, 1, 12, 20, 1.0))),
+    outputs=(("o", "[B, T, H, V]"),),
+    mistakes=(
+        Mistake("the diagonal is masked out: token t attends to itself too (s ≤ t, tril() not tril(-1))",
+                lambda q, k, v, g, scale=None: _naive(q, k, v, g, scale, diagonal=-1)),
+        Mistake("the causal mask is missing: o_t may only see s ≤ t",
+                lambda q, k, v, g, scale=None: _naive(q, k, v, g, scale, causal=False)),
+        Mistake("B uses one step's gate exp(g_t); it is the product of all gates so far, exp(g_1 + ... + g_t)",
+                lambda q, k, v, g, scale=None: _naive(q, k, v, g, scale, cumulative="none")),
+        Mistake("the cumulative sum is off by one: G_t = g_1 + ... + g_t includes g_t (an inclusive cumsum)",
+                lambda q, k, v, g, scale=None: _naive(q, k, v, g, scale, cumulative="exclusive")),
+        Mistake("scale is missing: its default is K ** -0.5",
+                lambda q, k, v, g, scale=None: _naive(q, k, v, g, 1.0)),
+    ),
+)
+
+LOG_SPACE = Exercise(
+    id="2.2",
+    title="the log-space parallel form",
+    points=3,
+    signature="parallel_gla_log_space(q, k, v, g, scale=None) -> o",
+    statement=(
+        "Make the parallel form stable for every legal gate. Compute each score as one sum with one "
+        "exponent per (t, s, k) triple:\n\n"
+        "$P_{ts} = \\sum_k q_{tk} k_{sk} \\exp(G_{tk} - G_{sk})$ for $s \\le t$ (else 0), "
+        "$\\quad O = \\text{scale}\\cdot P V$.\n\n"
+        "Every exponent is ≤ 0, so nothing overflows. Shapes as in 2.1: `q`, `k`, `g` `[B, T, H, K]`, "
+        "`v` `[B, T, H, V]`; return `o` `[B, T, H, V]`. The check includes strong gates (τ = 0.1) and "
+        "T = 200, where $G$ reaches about −1400 and the naive form gives inf/NaN."
+    ),
+    hints=(
+        "exp(G_t) · exp(-G_s) = exp(G_t - G_s): take the difference of the logs first, exponentiate after.",
+        ("With G [B, H, T, K], D = G[:, :, :, None, :] - G[:, :, None, :, :] is [B, H, T, T, K]; mask s > t "
+         "with -inf BEFORE exp so those entries become exactly 0."),
+        ("P = (q[:, :, :, None, :] * k[:, :, None, :, :] * D.masked_fill(~mask[..., None], "
+         "float('-inf')).exp()).sum(-1); o = scale * P @ v."),
+    ),
+    reference=_reference,
+    cases=_cases(((1, 1, 1, 16, 16, 1.0), (2, 63, 2, 20, 36, 0.1), (1, 65, 3, 24, 40, 16.0), (1, 200, 1, 12, 20, 0.1))),
+    outputs=(("o", "[B, T, H, V]"),),
+    mistakes=(
+        Mistake("the naive form: exp(-G_s) overflows under strong gates (inf, then NaN); take exp(G_t - G_s) "
+                "as one exponent", lambda q, k, v, g, scale=None: _naive(q, k, v, g, scale)),
+        Mistake("the exponent has the wrong sign: exp(G_t - G_s) ≤ 1 for s ≤ t (query's G minus key's G)",
+                lambda q, k, v, g, scale=None: _naive(q, k, v, -g, scale, log_space=True)),
+        Mistake("the diagonal is masked out: token t attends to itself too (s ≤ t)",
+                lambda q, k, v, g, scale=None: _naive(q, k, v, g, scale, diagonal=-1, log_space=True)),
+        Mistake("the cumulative sum is off by one: G_t = g_1 + ... + g_t includes g_t",
+                lambda q, k, v, g, scale=None: _naive(q, k, v, g, scale, cumulative="exclusive", log_space=True)),
+        Mistake("the causal mask is missing (or applied after exp, where it must be -inf before)",
+                lambda q, k, v, g, scale=None: _naive(q, k, v, g, scale, causal=False, log_space=True)),
+    ),
+)
+
+EXERCISES = [NAIVE, LOG_SPACE]

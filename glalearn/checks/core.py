@@ -69,6 +69,7 @@ class Exercise:
     cases: Callable[[torch.Generator], list[Case]]  # fresh random cases from a seeded generator
     outputs: tuple[tuple[str, str], ...]  # (name, layout) per returned tensor, e.g. (("o", "[B, T, H, V]"),)
     tolerance: float = 1e-6  # relative RMSE allowed per output
+    atol: float = 1e-10  # ... or this max abs error, for outputs that are exactly zero (e.g. dg at T = 1)
     mistakes: tuple[Mistake, ...] = ()
     notebook: str = ""  # set on registration: the stem of the solutions/exercises notebook
 
@@ -225,7 +226,7 @@ def _compare(exercise: Exercise, label: str, got, expected: tuple) -> CaseResult
         mae, rel = max_abs_error(x, ref), relative_rmse(x, ref)
         result.max_abs, result.rel = max(result.max_abs, mae), max(result.rel, rel)
         finite = bool(torch.isfinite(x.double()).all()) if x.numel() else True
-        if finite and rel <= exercise.tolerance:
+        if finite and (rel <= exercise.tolerance or mae <= exercise.atol):
             continue
         if result.ok:  # describe the first bad output only
             result.ok = False
@@ -256,20 +257,21 @@ def _matches(exercise: Exercise, got, expected_like) -> bool:
         xd, yd = x.detach().double().masked_fill(both_bad, 0.0), y.detach().double().masked_fill(both_bad, 0.0)
         if not bool(torch.isfinite(xd).all()) or not bool(torch.isfinite(yd).all()):
             return False
-        if relative_rmse(xd, yd) > max(exercise.tolerance, 1e-9) * 10:
+        if not relative_rmse(xd, yd) <= max(exercise.tolerance, 1e-9) * 10:  # NaN (overflowing norms) too
             return False
     return True
 
 
-def _diagnose(exercise: Exercise, case: Case, got) -> str:
-    """The description of the first known mistake whose output equals the learner's, or ''."""
+def _diagnose(exercise: Exercise, runs: list[tuple[Case, Any]]) -> str:
+    """The first known mistake whose outputs equal the learner's on every case, or ''."""
     for mistake in exercise.mistakes:
         try:
             with torch.no_grad():
-                wrong = _as_tuple(mistake.fn(*_clone(case.args), **_clone(case.kwargs)), len(exercise.outputs))
+                wrong = [_as_tuple(mistake.fn(*_clone(c.args), **_clone(c.kwargs)), len(exercise.outputs))
+                         for c, _ in runs]
         except Exception:  # noqa: BLE001, S112  (a mistake that cannot run here is not the learner's)
             continue
-        if _matches(exercise, got, tuple(wrong)):
+        if all(_matches(exercise, got, tuple(w)) for (_, got), w in zip(runs, wrong)):
             return mistake.description
     return ""
 
@@ -283,6 +285,8 @@ def run_check(exercise: Exercise, fn: Callable, seed: int | None = None) -> Chec
     gen = torch.Generator().manual_seed(seed)
     cases = exercise.cases(gen)
     result = CheckResult(exercise, PASSED, "", seed)
+    runs: list[tuple[Case, Any]] = []  # (case, the learner's output) for the diagnosis
+    first_failure: tuple[int, Case, CaseResult] | None = None
     for case in cases:
         with torch.no_grad():
             if case.expected is not None:
@@ -296,11 +300,11 @@ def run_check(exercise: Exercise, fn: Callable, seed: int | None = None) -> Chec
             result.status = NOT_STARTED
             fname = getattr(fn, "__name__", "your function")
             result.message = (f"{fname} still raises NotImplementedError; write your solution in its place "
-                              f"(stuck? glalearn.check({exercise.id!r}, {fname}, hint=1))")
+                              f'(stuck? glalearn.check("{exercise.id}", {fname}, hint=1))')
             result.cases = []
             return result
         except Exception as exc:  # noqa: BLE001  (the learner's code raised: report, check() re-raises)
-            if result.status == FAILED:  # already diagnosed on an earlier case: keep that diagnosis
+            if result.status == FAILED:  # failed already: report that, note this
                 result.cases.append(CaseResult(case.label, False, problem=f"raised {type(exc).__name__}: {exc}"))
                 continue
             result.status = ERROR
@@ -310,15 +314,18 @@ def run_check(exercise: Exercise, fn: Callable, seed: int | None = None) -> Chec
             return result
         case_result = _compare(exercise, case.label, got, expected)
         result.cases.append(case_result)
+        runs.append((case, got))
         if not case_result.ok and result.status == PASSED:
             result.status = FAILED
-            result.mistake = _diagnose(exercise, case, got)
-            n = len(result.cases)
-            reason = case_result.problem
-            if case_result.divergence and not case_result.problem.startswith(("returned", "has shape")):
-                reason += f"; first divergence at {case_result.divergence}"
-            prefix = f"looks like {result.mistake}. " if result.mistake else ""
-            result.message = f"{prefix}case {n} ({case.label}): {reason}"
+            first_failure = (len(result.cases), case, case_result)
+    if first_failure is not None:
+        n, case, case_result = first_failure
+        result.mistake = _diagnose(exercise, runs)
+        reason = case_result.problem
+        if case_result.divergence and not case_result.problem.startswith(("returned", "has shape")):
+            reason += f"; first divergence at {case_result.divergence}"
+        prefix = f"looks like {result.mistake}. " if result.mistake else ""
+        result.message = f"{prefix}case {n} ({case.label}): {reason}"
     if result.status == PASSED:
         result.message = f"all {len(result.cases)} cases within rel err {exercise.tolerance:.0e}"
     return result
