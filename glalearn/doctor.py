@@ -253,8 +253,9 @@ def _check_device(triton_version: str | None, env=None) -> tuple[Finding, str]:
         return Finding("device", "Triton interpreter (TRITON_INTERPRET=1)"), "on the CPU in the Triton interpreter"
     return (Finding("device", "CPU only, TRITON_INTERPRET not set",
                     note="no GPU: chapters 6-7 run their kernels in Triton's interpreter, which needs "
-                         "TRITON_INTERPRET=1 set before Python starts: export TRITON_INTERPRET=1 "
-                         "(make test and make book set it for you)"),
+                         "TRITON_INTERPRET=1 set before Triton is first imported: export TRITON_INTERPRET=1 "
+                         "before `make lab`, or os.environ['TRITON_INTERPRET'] = '1' in a notebook's first "
+                         "cell (make test and make book set it for you)"),
             "on the CPU in the Triton interpreter (set TRITON_INTERPRET=1)")
 
 
