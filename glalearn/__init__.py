@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "flash_gla": ("glalearn.flash", "flash_gla"),
     "check": ("glalearn.checks", "check"),
-    "doctor": ("glalearn.doctor", "doctor"),
+    "doctor": ("glalearn.diagnostics", "doctor"),
     "load_pretrained": ("glalearn.pretrained", "load_pretrained"),
     "gates": ("glalearn.gates", None),
     "viz": ("glalearn.viz", None),

@@ -9,7 +9,7 @@ import importlib
 import sys
 
 COMMANDS = {
-    "doctor": ("glalearn.doctor", "check this machine: versions, GPU or Triton interpreter, widgets"),
+    "doctor": ("glalearn.diagnostics", "check this machine: versions, GPU or Triton interpreter, widgets"),
     "grade": ("glalearn.grade", "grade exercise notebooks: glalearn grade NOTEBOOK... [--json FILE]"),
     "progress": ("glalearn.progress", "your last score on every exercise notebook"),
 }

@@ -1,5 +1,8 @@
 """`glalearn doctor` / `glalearn.doctor()`: is this machine ready for the book? (chapter 0)
 
+(The module is named diagnostics so that importing it never rebinds the name glalearn.doctor,
+which is the function.)
+
 Reports Python, torch, triton, the device the kernels will use (a GPU, or Triton's interpreter on a
 CPU), JupyterLab and ipywidgets, whether the widget front-end extension is installed and enabled, and
 which chapters can run here. Every problem comes with the exact command that fixes it.
@@ -17,7 +20,6 @@ import platform
 import re
 import shlex
 import sys
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -333,16 +335,6 @@ def main(argv=None) -> int:
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.text())
     return 0 if report.ok else 1
 
-
-class _CallableModule(types.ModuleType):
-    """`glalearn.doctor()` must work even after `import glalearn.doctor` has bound the name
-    glalearn.doctor to this module (the import system does that), so the module itself is callable."""
-
-    def __call__(self, env=None) -> DoctorReport:
-        return doctor(env)
-
-
-sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     sys.exit(main())
