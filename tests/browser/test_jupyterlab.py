@@ -22,6 +22,7 @@ ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "browser"  
 RUN_TIMEOUT_S = 150  # chapters run in under 60 s on a 2-core CPU under nbval
 CHECK_CALL = re.compile(r"^(?!\s*def\s).*\bcheck\(", re.MULTILINE)  # a call glalearn.check(...) / check(...)
 NOT_STARTED = re.compile(r"not (yet )?started", re.IGNORECASE)
+MAX_NOT_STARTED_CHARS = 600  # the "not started" line with its hint is ~200
 TRACEBACK = re.compile(r"Traceback \(most recent call last\)|^\w*(Error|Exception)\b.*$", re.MULTILINE)
 
 
@@ -215,3 +216,8 @@ def test_exercise_1_check_on_a_stub_says_not_started(page, lab):
     assert any(NOT_STARTED.search(t) for t in texts), (
         f"the check cell on an unfilled stub did not say 'not started'; its outputs: {[t[:300] for t in texts]}")
     assert not any(TRACEBACK.search(t) for t in texts), f"the check cell shows a traceback: {texts}"
+    # A friendly line, not a wall: e.g. the check's return value shown as a dataclass repr would bury it.
+    shown = "\n".join(texts)
+    assert len(shown) <= MAX_NOT_STARTED_CHARS, (
+        f"the check cell on a stub shows {len(shown)} characters in {len(texts)} outputs, more than a "
+        f"'not started' line needs ({MAX_NOT_STARTED_CHARS}); the outputs begin: {[t[:160] for t in texts]}")
