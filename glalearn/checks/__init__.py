@@ -78,7 +78,7 @@ def for_notebook(notebook_stem: str) -> list[Exercise]:
     return [e for e in exercises().values() if e.notebook == notebook_stem]
 
 
-def check(exercise_id: str, fn: Callable, hint: int | None = None, seed: int | None = None) -> CheckResult:
+def check(exercise_id: str, fn: Callable, hint: int | None = None, seed: int | None = None) -> None:
     """Check your solution of an exercise on fresh random inputs against the library's reference.
 
     Prints one line per test case (sizes and gate strength, max abs error, relative error, pass/fail),
@@ -89,9 +89,10 @@ def check(exercise_id: str, fn: Callable, hint: int | None = None, seed: int | N
     Not implemented yet (the stub raises NotImplementedError): one friendly "not started" line.
     Wrong outputs, shapes or dtypes: raises :class:`CheckFailed` (an ``AssertionError``).
     An exception inside your function is re-raised after the report, so its traceback shows your code.
+    For the result as data, use :func:`run_check` (``run_check(get("3.2"), fn)``).
     """
     __tracebackhide__ = True
-    return check_exercise(get(exercise_id), fn, hint=hint, seed=seed)
+    check_exercise(get(exercise_id), fn, hint=hint, seed=seed)  # returns nothing: no echo in a notebook
 
 
 def hints(exercise_id: str, level: int = 3) -> None:

@@ -89,7 +89,7 @@ def _states_cases(gen: torch.Generator) -> list[Case]:
 
 def _states(k_chunks, v_chunks, G, initial_state=None, k_decay="gamma-G", decay_old=True, store="before",
             decay_update=False):
-    B, H, N, C, K = k_chunks.shape
+    B, H, N, _, K = k_chunks.shape
     gamma = G[:, :, :, -1:, :]
     k_decayed = k_chunks * ((gamma - G).exp() if k_decay == "gamma-G" else G.exp())
     updates = k_decayed.transpose(-1, -2) @ v_chunks

@@ -11,7 +11,7 @@ import torch
 
 from glalearn.checks.core import Case, Exercise, Mistake
 from glalearn.checks.inputs import label, log_gate, randn
-from glalearn.forms.two_level import sub_chunk_scores
+from glalearn.forms.chunk import log_space_scores
 
 NOTEBOOK = "04_secondary_chunking"
 F32 = torch.float32
@@ -24,9 +24,12 @@ def _chunk(gen, lead, C, K, tau):
     return q, k, G
 
 
-def _scores64(q, k, G, L):
-    """The library's sub-chunk scores in float64 (exact), rounded to float32 at the end."""
-    return sub_chunk_scores(q.double(), k.double(), G.double(), L).to(q.dtype)
+def _scores64(q, k, G, L=None):
+    """The exact intra-chunk scores (chapter 3's log-space form, float64), rounded to float32 at the end.
+
+    Every way of building P from sub-chunks must give these numbers; L does not change them.
+    """
+    return log_space_scores(q.double(), k.double(), G.double()).to(q.dtype)
 
 
 # ----------------------------------------------------------------------------- 4.1 one block
@@ -34,20 +37,20 @@ def _block_cases(gen: torch.Generator) -> list[Case]:
     cases = []
     for lead, L, K, tau in (((1, 1, 1), 16, 16, 1.0), ((2, 2, 3), 16, 20, 0.1), ((1, 3, 2), 8, 60, 16.0),
                             ((1, 1, 2), 32, 12, 0.1)):
-        q, k, G = _chunk(gen, lead, 3 * L, K, tau)  # sub-chunks b = 0, (a gap), a = 2
-        args = (q[..., 2 * L:, :], k[..., :L, :], G[..., 2 * L:, :], G[..., :L, :])
+        q, k, G = _chunk(gen, lead, 2 * L, K, tau)  # key sub-chunk b = 0 right before query sub-chunk a = 1
+        args = (q[..., L:, :], k[..., :L, :], G[..., L:, :], G[..., :L, :])
         sizes = dict(zip("BHN", lead))
         cases.append(Case(label(**sizes, L=L, K=K, tau=tau), args))
     return cases
 
 
 def _block_reference(q_a, k_b, G_a, G_b):
+    """Block (a, b) of the exact scores of the two sub-chunks [b; a] (b earlier, so G_a <= G_b)."""
     L = q_a.shape[-2]
-    gap = torch.zeros_like(q_a)
-    q = torch.cat([gap, gap, q_a], dim=-2)
-    k = torch.cat([k_b, gap, gap], dim=-2)
-    G = torch.cat([G_b, G_b[..., -1:, :].expand_as(G_b), G_a], dim=-2)  # the gap's G never enters block (a, b)
-    return _scores64(q, k, G, L)[..., 2 * L:, :L]
+    zeros = torch.zeros_like(q_a)
+    q = torch.cat([zeros, q_a], dim=-2)
+    k = torch.cat([k_b, zeros], dim=-2)
+    return _scores64(q, k, torch.cat([G_b, G_a], dim=-2))[..., L:, :L]
 
 
 def _block_with_reference(q_a, k_b, G_a, G_b, ref):

@@ -296,11 +296,13 @@ def run_check(exercise: Exercise, fn: Callable, seed: int | None = None) -> Chec
                                      len(exercise.outputs))
         try:
             got = fn(*_clone(case.args), **_clone(case.kwargs))
-        except NotImplementedError:
+        except NotImplementedError as exc:
             result.status = NOT_STARTED
             fname = getattr(fn, "__name__", "your function")
-            result.message = (f"{fname} still raises NotImplementedError; write your solution in its place "
-                              f'(stuck? glalearn.check("{exercise.id}", {fname}, hint=1))')
+            stub = str(exc).split(":")[0] if str(exc).startswith("Exercise ") else ""
+            elsewhere = f" (from the stub of {stub})" if stub and not stub.startswith(f"Exercise {exercise.id} ") else ""
+            result.message = (f"{fname} still raises NotImplementedError{elsewhere}; write your solution in its "
+                              f'place (stuck? glalearn.check("{exercise.id}", {fname}, hint=1))')
             result.cases = []
             return result
         except Exception as exc:  # noqa: BLE001  (the learner's code raised: report, check() re-raises)
