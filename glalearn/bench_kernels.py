@@ -29,7 +29,7 @@ PROFILES = {
 LENGTHS = [512, 1024, 2048, 4096, 8192, 16384]
 
 
-def _median_ms(fn, warmup=25, rep=100) -> float:
+def _median_ms(fn, warmup=10, rep=50) -> float:
     import triton.testing
 
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
@@ -119,6 +119,30 @@ def time_method(name, fn, B, T, H, K, V, seed=0) -> dict:
             "forward_backward_peak_mb": mem_fb}
 
 
+def kernel_breakdown(name, fn, B, T, H, K, V, passes=3) -> dict:
+    """GPU kernels one forward+backward launches (torch.profiler): name -> [launches, ms] per call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    args = _args_for(name, B, T, H, K, V, 0)
+    grads = [x.detach().requires_grad_() if x is not None else None for x in args]
+    do = torch.randn_like(fn(*grads))
+    for _ in range(2):
+        fn(*grads).backward(do)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(passes):
+            fn(*grads).backward(do)
+        torch.cuda.synchronize()
+    out = {}
+    for ev in prof.key_averages():
+        self_us = getattr(ev, "self_device_time_total", None)
+        if self_us is None:
+            self_us = getattr(ev, "self_cuda_time_total", 0)
+        if self_us > 0 and ev.count:
+            out[ev.key[:80]] = [ev.count / passes, self_us / passes / 1e3]
+    return dict(sorted(out.items(), key=lambda kv: -kv[1][1]))
+
+
 def forward_floor_ms(B, T, H, K, V, bandwidth_gbs, elem_bytes=2) -> float:
     """Bytes the forward must move (read q, k, v, g; write o) over the copy bandwidth, in ms."""
     nbytes = elem_bytes * B * T * H * (3 * K + 2 * V)
@@ -154,7 +178,7 @@ def machine() -> dict:
     return info
 
 
-def run(profiles, lengths, include_fla=True, only=None, log=print) -> dict:
+def run(profiles, lengths, include_fla=True, only=None, log=print, profile_kernels=True) -> dict:
     from glalearn import flash
 
     bandwidth = copy_bandwidth_gbs()
@@ -162,7 +186,7 @@ def run(profiles, lengths, include_fla=True, only=None, log=print) -> dict:
     rows = []
     meths = methods(include_fla)
     if only:
-        meths = {n: f for n, f in meths.items() if any(o in n for o in only)}
+        meths = {n: f for n, f in meths.items() if any(n.startswith(o) for o in only)}
     for pname in profiles:
         p = PROFILES[pname]
         H, K, V = p["H"], p["K"], p["V"]
@@ -177,8 +201,18 @@ def run(profiles, lengths, include_fla=True, only=None, log=print) -> dict:
                     f"{r['forward_backward_ms']:7.3f} ms  peak {r['forward_backward_peak_mb']:8.0f} MB  "
                     f"(floor {floor:.3f} ms)")
             torch.cuda.empty_cache()
+    breakdown = {}
+    if profile_kernels:
+        for pname in profiles:
+            p = PROFILES[pname]
+            T = max(lengths)
+            for name, fn in meths.items():
+                bd = kernel_breakdown(name, fn, p["tokens"] // T, T, p["H"], p["K"], p["V"])
+                breakdown[f"{pname} T={T} {name}"] = bd
+                log(f"kernels of {pname} T={T} {name} (forward+backward): "
+                    + "; ".join(f"{k} x{c:g} {ms:.3f} ms" for k, (c, ms) in bd.items()))
     return {"copy_bandwidth_gbs": bandwidth, "rows": rows, "config": dict(flash.CONFIG),
-            "kernels": kernel_resources()}
+            "kernels": kernel_resources(), "kernel_breakdown_fwd_bwd": breakdown}
 
 
 def summary(rows) -> list[str]:
@@ -245,7 +279,7 @@ def main(argv=None) -> int:
     parser.add_argument("--profiles", nargs="+", default=list(PROFILES), choices=list(PROFILES))
     parser.add_argument("--lengths", nargs="+", type=int, default=LENGTHS)
     parser.add_argument("--no-fla", action="store_true", help="skip fla even if it is importable")
-    parser.add_argument("--only", nargs="+", help="time only methods whose name contains one of these")
+    parser.add_argument("--only", nargs="+", help="time only methods whose name starts with one of these (flash_gla, fla, Flash)")
     parser.add_argument("--config", type=json.loads, default=None,
                         help='override flash_gla launch settings, e.g. \'{"warps": 4}\'')
     args = parser.parse_args(argv)

@@ -15,6 +15,9 @@ before Triton is first imported.
 
 from __future__ import annotations
 
+import json
+import os
+
 import torch
 
 from glalearn.forms._contract import check_power_of_two, empty_result, validate
@@ -23,8 +26,12 @@ from glalearn.forms._contract import check_power_of_two, empty_result, validate
 # state passes use their own (smaller) blocks, to get more programs. sub: the sub-chunk length L.
 # warps: warps per program of the chunk-parallel kernels; state_warps: of the sequential passes.
 # Chapter 7 measures the choices; change them here (the benchmark tries variants through this dict).
-CONFIG = {"sub": 16, "bk": 32, "bv": 64, "state_bk": 32, "state_bv": 32, "warps": 8, "state_warps": 4,
-          "stages": 2}
+# precision: of the forward's products for 16-bit inputs; bwd_state_precision / bwd_precision: of the
+# backward's sequential passes / chunk-parallel kernels ("tf32x3" = three tf32 products, float32-exact).
+CONFIG = {"sub": 8, "bk": 32, "bv": 128, "dqk_bk": 16, "state_bk": 32, "state_bv": 32, "warps": 8,
+          "state_warps": 4, "stages": 2, "precision": "tf32", "bwd_state_precision": "tf32x3",
+          "bwd_precision": "tf32x3"}
+CONFIG.update(json.loads(os.environ.get("GLALEARN_FLASH_CONFIG", "{}")))
 # The last compiled kernel of each name (for its register / spill / shared-memory report on a GPU).
 LAST_COMPILED: dict = {}
 
@@ -63,9 +70,9 @@ def _config(K: int, V: int, dtype: torch.dtype):
     BV = min(CONFIG["bv"], max(16, _next_power_of_two(V)))
     SBK = min(CONFIG["state_bk"], max(16, _next_power_of_two(K)))
     SBV = min(CONFIG["state_bv"], max(16, _next_power_of_two(V)))
-    # float32 inputs: exact float32 products. 16-bit inputs: tf32 tensor cores (10-bit mantissa),
-    # which keeps the rounding well under the bf16 inputs' own.
-    precision = "ieee" if dtype == torch.float32 else "tf32"
+    # float32 inputs: exact float32 products. 16-bit inputs: tf32 tensor cores (10-bit mantissa) in
+    # the forward, which keeps the rounding under the bf16 output's own.
+    precision = "ieee" if dtype == torch.float32 else CONFIG["precision"]
     return BK, BV, SBK, SBV, precision
 
 
@@ -120,14 +127,19 @@ def flash_backward(q, k, v, g, do, dht, scale, initial_state, chunk_size):
     V = v.shape[-1]
     C, L = chunk_size, min(CONFIG["sub"], chunk_size)
     N = -(-T // C)
-    BK, BV, SBK, SBV, precision = _config(K, V, q.dtype)
-    h = _chunk_states(k, v, g, initial_state, C, SBK, SBV, precision)  # recomputed, not stored
+    BK, BV, SBK, SBV, _ = _config(K, V, q.dtype)
+    # The gate gradient sums terms that cancel, so the backward may use float32-exact products.
+    exact = q.dtype == torch.float32
+    state_precision = "ieee" if exact else CONFIG["bwd_state_precision"]
+    precision = "ieee" if exact else CONFIG["bwd_precision"]
+    DBK = min(CONFIG["dqk_bk"], max(16, _next_power_of_two(K)))
+    h = _chunk_states(k, v, g, initial_state, C, SBK, SBV, state_precision)  # recomputed, not stored
     dh = torch.empty(B, H, N, K, V, dtype=torch.float32, device=q.device)
     dh0 = torch.empty(B, H, K, V, dtype=torch.float32, device=q.device) if initial_state is not None else None
     LAST_COMPILED["chunk_state_backward_kernel"] = backward.chunk_state_backward_kernel[(-(-K // SBK), -(-V // SBV), B * H)](
         q, g, do, dht if dht is not None else dh, dh, dh0 if dh0 is not None else dh,
         scale, T, H=H, K=K, V=V, C=C, BK=SBK, BV=SBV,
-        USE_DHT=dht is not None, STORE_DH0=dh0 is not None, PRECISION=precision,
+        USE_DHT=dht is not None, STORE_DH0=dh0 is not None, PRECISION=state_precision,
         num_warps=CONFIG["state_warps"], num_stages=CONFIG["stages"],
     )
     dv = torch.empty_like(v)
@@ -136,8 +148,8 @@ def flash_backward(q, k, v, g, do, dht, scale, initial_state, chunk_size):
         PRECISION=precision, num_warps=CONFIG["warps"], num_stages=CONFIG["stages"],
     )
     dq, dk, dg = torch.empty_like(q), torch.empty_like(k), torch.empty_like(g)
-    LAST_COMPILED["chunk_dqkg_kernel"] = backward.chunk_dqkg_kernel[(-(-K // BK), N, B * H)](
-        q, k, v, g, do, h, dh, dq, dk, dg, scale, T, H=H, K=K, V=V, C=C, L=L, BK=BK, BV=BV,
+    LAST_COMPILED["chunk_dqkg_kernel"] = backward.chunk_dqkg_kernel[(-(-K // DBK), N, B * H)](
+        q, k, v, g, do, h, dh, dq, dk, dg, scale, T, H=H, K=K, V=V, C=C, L=L, BK=DBK, BV=BV,
         PRECISION=precision, num_warps=CONFIG["warps"], num_stages=CONFIG["stages"],
     )
     return dq, dk, dv, dg, dh0

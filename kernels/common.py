@@ -92,7 +92,7 @@ def intra_chunk_scores(q, k, G, C: tl.constexpr, L: tl.constexpr, BK: tl.constex
 
     q, k, G: [C, BK] float32 tiles (G the chunk-local inclusive cumulative log decay). Returns [C, C].
     Off-diagonal sub-chunk pairs: NS - 1 products (one per key sub-chunk b) of bounded operands;
-    diagonal sub-chunks: float32 log space, one key row j at a time for all NS sub-chunks at once.
+    diagonal sub-chunks: float32 log space, every (i, j, k) of all NS sub-chunks in one 4-d tile.
     """
     NS: tl.constexpr = C // L
     rows = tl.arange(0, C)
@@ -103,21 +103,15 @@ def intra_chunk_scores(q, k, G, C: tl.constexpr, L: tl.constexpr, BK: tl.constex
     for b in range(NS - 1):
         keys_b = tl.where((rows // L == b)[:, None], k_hat, 0.0)  # only key sub-chunk b
         P = tl.dot(q_hat * bridge(F, E, b, C, L, BK), tl.trans(keys_b), P, input_precision=PRECISION)
-    # Diagonal sub-chunks. D[i, l] = P[i, a·L + l] for row i in sub-chunk a.
+    # Diagonal sub-chunks, all (i, j) pairs of every sub-chunk at once: a [NS, L, L, BK] tile.
     q3 = tl.reshape(q, (NS, L, BK))
     k3 = tl.reshape(k, (NS, L, BK))
     G3 = tl.reshape(G, (NS, L, BK))
-    l3 = tl.arange(0, L)[None, :, None]
-    lcol = tl.arange(0, L)[None, :]
-    D = tl.zeros((C, L), dtype=tl.float32)
-    for j in range(L):
-        k_j = tl.sum(tl.where(l3 == j, k3, 0.0), axis=1)  # [NS, BK]: row j of each sub-chunk
-        G_j = tl.sum(tl.where(l3 == j, G3, 0.0), axis=1)
-        decay = tl.exp(tl.where(l3 >= j, G3 - G_j[:, None, :], float("-inf")))  # 0 where i < j
-        column = tl.sum(q3 * k_j[:, None, :] * decay, axis=2)  # [NS, L]
-        D += tl.where(lcol == j, tl.reshape(column, (C,))[:, None], 0.0)
+    causal = tl.arange(0, L)[None, :, None, None] >= tl.arange(0, L)[None, None, :, None]  # i >= j
+    decay = tl.exp(tl.where(causal, G3[:, :, None, :] - G3[:, None, :, :], float("-inf")))
+    D = tl.sum(q3[:, :, None, :] * k3[:, None, :, :] * decay, axis=3)  # [NS, L, L]: D[a, i, j]
     # Place D in the diagonal blocks of P: repeat its L columns NS times, keep the own block.
-    D_wide = tl.reshape(tl.broadcast_to(D[:, None, :], (C, NS, L)), (C, C))
+    D_wide = tl.reshape(tl.broadcast_to(tl.reshape(D, (C, 1, L)), (C, NS, L)), (C, C))
     same_block = (rows[:, None] // L) == (rows[None, :] // L)
     return P + tl.where(same_block, D_wide, 0.0)
 
@@ -150,24 +144,16 @@ def intra_chunk_score_grads(dP, q, k, G, C: tl.constexpr, L: tl.constexpr, BK: t
         dk += tl.dot(tl.trans(dP_b), q_hat * br, input_precision=PRECISION)
     dq = dq * from_first
     dk = dk * to_last
-    # Diagonal sub-chunks, strictly below the diagonal, in log space.
-    # Dd[i, l] = dP[i, a·L + l] for row i in sub-chunk a.
+    # Diagonal sub-chunks, strictly below the diagonal (i > j), in log space: [NS, L, L, BK] tiles.
+    # dP_d[a, i, j] = dP[a·L + i, a·L + j]: the diagonal blocks of dP.
     dP3 = tl.reshape(dP, (C, NS, L))
-    Dd = tl.sum(tl.where((tl.arange(0, NS)[None, :, None] == (rows // L)[:, None, None]), dP3, 0.0), axis=1)
+    own = tl.arange(0, NS)[None, :, None] == (rows // L)[:, None, None]
+    dP_d = tl.reshape(tl.sum(tl.where(own, dP3, 0.0), axis=1), (NS, L, L))
     q3 = tl.reshape(q, (NS, L, BK))
     k3 = tl.reshape(k, (NS, L, BK))
     G3 = tl.reshape(G, (NS, L, BK))
-    l3 = tl.arange(0, L)[None, :, None]
-    lcol = tl.arange(0, L)[None, :]
-    dq3 = tl.zeros((NS, L, BK), dtype=tl.float32)
-    dk3 = tl.zeros((NS, L, BK), dtype=tl.float32)
-    for j in range(L):
-        k_j = tl.sum(tl.where(l3 == j, k3, 0.0), axis=1)  # [NS, BK]
-        G_j = tl.sum(tl.where(l3 == j, G3, 0.0), axis=1)
-        dP_j = tl.reshape(tl.sum(tl.where(lcol == j, Dd, 0.0), axis=1), (NS, L))  # dP[i, a·L + j]
-        decay = tl.exp(tl.where(l3 > j, G3 - G_j[:, None, :], float("-inf")))  # rows i > j only
-        w = dP_j[:, :, None] * decay  # [NS, L, BK]
-        dq3 += w * k_j[:, None, :]
-        dk_j = tl.sum(w * q3, axis=1)  # [NS, BK]: gradient of key row j
-        dk3 += tl.where(l3 == j, dk_j[:, None, :], 0.0)
+    below = tl.arange(0, L)[None, :, None, None] > tl.arange(0, L)[None, None, :, None]  # i > j
+    w = dP_d[:, :, :, None] * tl.exp(tl.where(below, G3[:, :, None, :] - G3[:, None, :, :], float("-inf")))
+    dq3 = tl.sum(w * k3[:, None, :, :], axis=2)  # Σ_j  [NS, L, BK]
+    dk3 = tl.sum(w * q3[:, :, None, :], axis=1)  # Σ_i
     return dq + tl.reshape(dq3, (C, BK)), dk + tl.reshape(dk3, (C, BK))
