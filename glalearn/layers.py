@@ -188,12 +188,15 @@ class GatedLinearAttention(nn.Module):
             raise ValueError(f"x must be [B, T, d_model={self.d_model}], got shape {tuple(x.shape)}")
         q, k, v, g = self.project(x)
         backend = resolve_backend(self.backend, x.device)
-        if backend == "chunk" and not self.check_inputs and x.shape[1] > 0:
-            o, final = ChunkGLAFunction.apply(q, k, v, g, state, self.scale, self.chunk_size, output_final_state)
-        else:
-            kwargs = {"chunk_size": self.chunk_size} if backend in ("chunk", "two_level") else {}
-            o, final = gla_form(backend)(q, k, v, g, scale=self.scale, initial_state=state,
-                                         output_final_state=output_final_state, **kwargs)
+        # The forms choose their own precision (float32 states, matmul_dtype): autocast stays outside.
+        with torch.autocast(x.device.type, enabled=False):
+            if backend == "chunk" and not self.check_inputs and x.shape[1] > 0:
+                o, final = ChunkGLAFunction.apply(q, k, v, g, state, self.scale, self.chunk_size,
+                                                  output_final_state)
+            else:
+                kwargs = {"chunk_size": self.chunk_size} if backend in ("chunk", "two_level") else {}
+                o, final = gla_form(backend)(q, k, v, g, scale=self.scale, initial_state=state,
+                                             output_final_state=output_final_state, **kwargs)
         y = self.finish(x, o)
         return (y, final) if output_final_state else y
 
