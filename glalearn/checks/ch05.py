@@ -7,7 +7,7 @@ import torch
 from glalearn.checks.core import Case, Exercise, Mistake
 from glalearn.checks.inputs import GRID, gla_inputs, label, randn
 from glalearn.forms.chunk import reverse_cumsum
-from glalearn.forms.recurrent import recurrent_gla
+from glalearn.forms.parallel import parallel_gla
 
 NOTEBOOK = "05_backward"
 
@@ -25,7 +25,7 @@ REVERSE_CUMSUM = Exercise(
     signature="reverse_cumsum(x, dim) -> y",
     statement=(
         "The gate gradient needs sums over the **future**: $y_t = \\sum_{i \\ge t} x_i$ along `dim`.\n\n"
-        "Shapes: `x` any shape, `dim` an int (negative allowed). Return `y` with the shape of `x`."
+        "Shapes: `x` any shape, e.g. `[B, T, H, K]` with `dim=1`; `dim` an int (negative allowed). Return `y` with the shape of `x`."
     ),
     hints=(
         "A reverse cumulative sum is a forward cumulative sum of the reversed sequence, reversed back.",
@@ -48,14 +48,16 @@ REVERSE_CUMSUM = Exercise(
 
 # ----------------------------------------------------------------------------- 5.2 the gate gradient
 def _gate_grad_cases(gen: torch.Generator) -> list[Case]:
-    """dq, dk and the true dg from autograd through the float64 recurrence, for a random loss Σ o ⊙ w."""
+    """dq, dk and the true dg from autograd through the float64 log-space parallel form (the recurrence's
+    numbers, without a Python loop; tests/test_checks.py checks it against autograd through the loop),
+    for a random loss Σ o ⊙ w."""
     cases = []
     for B, T, H, K, V, tau, s0 in GRID:
         x = gla_inputs(gen, B, T, H, K, V, tau, initial_state=s0)
         w = randn(gen, B, T, H, V)
         q, k, g = (x[n].clone().requires_grad_(True) for n in ("q", "k", "g"))
         with torch.enable_grad():
-            o, _ = recurrent_gla(q, k, x["v"], g, initial_state=x.get("initial_state"))
+            o, _ = parallel_gla(q, k, x["v"], g, initial_state=x.get("initial_state"))
             dq, dk, dg = torch.autograd.grad((o * w).sum(), (q, k, g))
         cases.append(Case(label(B=B, T=T, H=H, K=K, V=V, tau=tau, s0=s0),
                           (q.detach(), k.detach(), dq, dk), expected=dg))
@@ -77,7 +79,7 @@ GATE_GRADIENT = Exercise(
         "$d \\log b_t = q_t \\odot dq_t - k_t \\odot dk_t, \\qquad dg_t = \\sum_{i \\ge t} d \\log b_i$\n\n"
         "— no T×T matrix needed. Shapes: `q`, `k` `[B, T, H, K]` and their gradients `dq`, `dk` "
         "`[B, T, H, K]` (holding g fixed). Return `dg` `[B, T, H, K]`. The check compares with autograd "
-        "through the recurrent form, for a random loss, with and without an initial state."
+        "through the GLA forward, for a random loss, with and without an initial state."
     ),
     hints=(
         "Two steps: the gradient with respect to the cumulative log decay G_t, then a sum over the future because G_i includes g_t for every i ≥ t.",

@@ -263,17 +263,25 @@ def _matches(exercise: Exercise, got, expected_like) -> bool:
 
 
 def _diagnose(exercise: Exercise, runs: list[tuple[Case, Any]]) -> str:
-    """The first known mistake whose outputs equal the learner's on every case, or ''."""
-    for mistake in exercise.mistakes:
-        try:
-            with torch.no_grad():
-                wrong = [_as_tuple(mistake.fn(*_clone(c.args), **_clone(c.kwargs)), len(exercise.outputs))
-                         for c, _ in runs]
-        except Exception:  # noqa: BLE001, S112  (a mistake that cannot run here is not the learner's)
-            continue
-        if all(_matches(exercise, got, tuple(w)) for (_, got), w in zip(runs, wrong)):
-            return mistake.description
-    return ""
+    """The first known mistake whose outputs equal the learner's on every case, or ''.
+
+    Candidates are dropped at the first case they disagree on, so most cost one evaluation.
+    """
+    candidates = list(exercise.mistakes)
+    for case, got in runs:
+        survivors = []
+        for mistake in candidates:
+            try:
+                with torch.no_grad():
+                    wrong = _as_tuple(mistake.fn(*_clone(case.args), **_clone(case.kwargs)), len(exercise.outputs))
+            except Exception:  # noqa: BLE001, S112  (a mistake that cannot run here is not the learner's)
+                continue
+            if _matches(exercise, got, tuple(wrong)):
+                survivors.append(mistake)
+        candidates = survivors
+        if not candidates:
+            return ""
+    return candidates[0].description if candidates else ""
 
 
 # ----------------------------------------------------------------------------- running a check
