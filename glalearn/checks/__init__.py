@@ -41,6 +41,9 @@ CHAPTER_MODULES = (
     "glalearn.checks.ch03",
     "glalearn.checks.ch04",
     "glalearn.checks.ch05",
+    "glalearn.checks.ch06",
+    "glalearn.checks.ch07",
+    "glalearn.checks.ch10",
 )
 
 _loaded = False
