@@ -233,7 +233,7 @@ def test_failure_prints_the_table_and_raises_an_assertion_error(capsys):
     assert isinstance(info.value, CheckFailed) and "Exercise 3.2 (chunk states) failed" in str(info.value)
     out = capsys.readouterr().out
     assert "max abs err" in out and "rel err" in out and "FAIL" in out
-    assert "first divergence (case" in out and "states[b=" in out and "looks like:" in out
+    assert "first divergence (case" in out and "states[b=" in out and "likely mistake:" in out
     assert "✗ Exercise 3.2" in out
 
 

@@ -155,7 +155,7 @@ class CheckResult:
         if first_bad is not None and self.cases[first_bad - 1].divergence:
             lines.append(f"  first divergence (case {first_bad}): {self.cases[first_bad - 1].divergence}")
         if self.mistake:
-            lines.append(f"  looks like: {self.mistake}")
+            lines.append(f"  likely mistake: {self.mistake}")
         return "\n".join(lines)
 
 
@@ -334,7 +334,7 @@ def run_check(exercise: Exercise, fn: Callable, seed: int | None = None) -> Chec
         reason = case_result.problem
         if case_result.divergence and not case_result.problem.startswith(("returned", "has shape")):
             reason += f"; first divergence at {case_result.divergence}"
-        prefix = f"looks like {result.mistake}. " if result.mistake else ""
+        prefix = f"likely mistake: {result.mistake}. " if result.mistake else ""
         result.message = f"{prefix}case {n} ({case.label}): {reason}"
     if result.status == PASSED:
         result.message = f"all {len(result.cases)} cases within rel err {exercise.tolerance:.0e}"
