@@ -209,7 +209,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Cau
     config = json.loads((path / "config.json").read_text())
     model = build_model(config_from_dict(config["model"]))
     tensors = load_file(str(path / "model.safetensors"))
-    missing, unexpected = model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
+    except RuntimeError as err:  # shapes that disagree with the config
+        raise ValueError(f"{path / 'model.safetensors'} does not match its config.json: {err}") from err
     allowed_missing = {"lm_head.weight"} if model.config.tie_embeddings else set()
     if set(missing) - allowed_missing or unexpected:
         raise ValueError(f"{path / 'model.safetensors'} does not match its config: missing {sorted(missing)}, "

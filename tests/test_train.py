@@ -1,0 +1,124 @@
+"""Training (chapter 9): the loss goes down, checkpoints round-trip, resume is exact, the tokenizer is strict."""
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from glalearn.data import CharTokenizer, eval_windows, sample_batch, shakespeare_splits, shakespeare_tokenizer
+from glalearn.train import PRESETS, learning_rate, load_checkpoint, main, preset, save_checkpoint, train
+
+SMALL = {"d_model": 32, "n_layers": 2, "num_heads": 2, "ffn_hidden": 64, "context_length": 32}
+
+
+def _cfg(name="tiny-cpu", **kw):
+    base = {"steps": 4, "batch_size": 8, "context": 32, "eval_interval": 2, "eval_batches": 1, "log_interval": 1,
+            "checkpoint_interval": 2, "warmup_steps": 2}
+    base.update(kw)
+    return preset(name, model=dict(SMALL), **base)
+
+
+@pytest.mark.parametrize("name", ["tiny-cpu", "tiny-cpu-transformer"])
+def test_a_few_steps_reduce_the_loss(tmp_path, name):
+    log = train(_cfg(name, steps=30, lr=1e-2, eval_interval=30), tmp_path, progress=False)
+    losses = [r["loss"] for r in log["steps"]]
+    assert len(losses) == 30
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5
+    assert log["evals"][-1]["val_loss"] < 3.5  # from log(65) = 4.17
+    assert all(r["tokens_per_s"] > 0 for r in log["steps"])
+
+
+def test_checkpoint_round_trip(tmp_path):
+    train(_cfg(), tmp_path, progress=False)
+    files = {p.name for p in tmp_path.iterdir()}
+    assert {"model.safetensors", "config.json", "train_log.json", "train_state.safetensors",
+            "train_state.json"} <= files
+    assert not any(name.endswith((".pt", ".pth", ".pkl", ".bin")) for name in files)
+    model = load_checkpoint(tmp_path)
+    again = tmp_path / "again"
+    save_checkpoint(model, again, {"note": "re-saved"})
+    ids = torch.randint(0, 65, (2, 20))
+    assert torch.equal(model(ids), load_checkpoint(again)(ids))
+    assert json.loads((again / "config.json").read_text())["note"] == "re-saved"
+    # float16 storage: half the bytes, logits within float16 rounding of the weights
+    half = tmp_path / "half"
+    save_checkpoint(model, half, {}, save_dtype="float16")
+    assert (half / "model.safetensors").stat().st_size < 0.6 * (again / "model.safetensors").stat().st_size
+    assert (load_checkpoint(half)(ids) - model(ids)).abs().max() < 1e-2
+
+
+@pytest.mark.parametrize("name", ["tiny-cpu", "tiny-cpu-transformer"])
+def test_resume_continues_exactly(tmp_path, name):
+    straight = train(_cfg(name, steps=4), tmp_path / "a", progress=False)
+    cfg = _cfg(name, steps=2)
+    train(cfg, tmp_path / "b", progress=False)
+    resumed = train(_cfg(name, steps=4), tmp_path / "b", resume=True, progress=False)
+    assert [r["loss"] for r in resumed["steps"]] == pytest.approx([r["loss"] for r in straight["steps"]], abs=1e-5)
+    assert resumed["resumed_at"] == [2]
+    a, b = load_checkpoint(tmp_path / "a"), load_checkpoint(tmp_path / "b")
+    for (n, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert (p - q).abs().max() < 1e-5, n
+
+
+def test_learning_rate_schedule():
+    cfg = _cfg(steps=100, warmup_steps=10, lr=1e-3)
+    lrs = [learning_rate(s, cfg) for s in range(100)]
+    assert lrs[9] == pytest.approx(1e-3) and lrs[0] == pytest.approx(1e-4)
+    assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))
+    assert lrs[-1] >= 1e-4 and lrs[-1] < 1.1e-4
+
+
+def test_presets_shipped_pair_share_the_budget():
+    a, b = PRESETS["shakespeare-gla"], PRESETS["shakespeare-transformer"]
+    assert (a.steps, a.batch_size, a.context) == (b.steps, b.batch_size, b.context)
+    assert a.model["model_type"] == "gla" and b.model["model_type"] == "transformer"
+    with pytest.raises(ValueError, match="preset must be one of"):
+        preset("huge")
+
+
+def test_cli_trains_and_writes_a_checkpoint(tmp_path, capsys):
+    main(["--preset", "tiny-cpu", "--out", str(tmp_path), "--steps", "2", "--batch-size", "4",
+          "--eval-interval", "2", "--no-progress"])
+    assert "final validation loss" in capsys.readouterr().out
+    log = json.loads((tmp_path / "train_log.json").read_text())
+    assert [r["step"] for r in log["steps"]] == [0, 1] and log["preset"] == "tiny-cpu"
+
+
+def test_batches_depend_only_on_seed_and_step():
+    train_ids, _ = shakespeare_splits()
+    x1, y1 = sample_batch(train_ids, 6, 16, torch.Generator().manual_seed(5))
+    x2, _ = sample_batch(train_ids, 6, 16, torch.Generator().manual_seed(5))
+    assert torch.equal(x1, x2) and torch.equal(x1[:, 1:], y1[:, :-1])
+    # a rank's rows of the global batch are exactly those rows
+    xr, _ = sample_batch(train_ids, 6, 16, torch.Generator().manual_seed(5), rows=slice(3, 6))
+    assert torch.equal(xr, x1[3:])
+
+
+def test_tokenizer_and_split():
+    tok = shakespeare_tokenizer()
+    assert tok.vocab_size == 65
+    text = "First Citizen:\nBefore we proceed any further, hear me speak."
+    assert tok.decode(tok.encode(text)) == text
+    train_ids, val_ids = shakespeare_splits()
+    assert (len(train_ids), len(val_ids)) == (1_003_854, 111_540)
+    with pytest.raises(ValueError, match=r"character '€' \(U\+20AC\) at position 4"):
+        tok.encode("good€ morning")
+    with pytest.raises(ValueError, match="character '1' .* at position 5"):
+        tok.encode("line 13")
+    with pytest.raises(ValueError, match="token id 65 at position 1"):
+        tok.decode([3, 65])
+    with pytest.raises(TypeError, match="text must be a str"):
+        tok.encode(b"bytes")
+    with pytest.raises(ValueError, match="distinct"):
+        CharTokenizer("aab")
+
+
+def test_eval_windows_cover_every_token_once():
+    ids = np.arange(1000) % 65
+    for C in [1, 7, 256, 999, 4096]:
+        windows = eval_windows(ids, C)
+        targets = [i for s, n in windows for i in range(s + 1, s + n + 1)]
+        assert targets == list(range(1, 1000))
+        assert all(n <= C for _, n in windows)
