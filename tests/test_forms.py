@@ -192,3 +192,24 @@ def test_scale_is_applied_to_q(form):
     assert relative_rmse(o1, o_ref) <= 1e-5
     o2, _ = FORMS[form](**inputs)
     assert relative_rmse(o2 * 0.37 / 8**-0.5, o_ref) <= 1e-5
+
+
+@pytest.mark.parametrize("norm", [0.05, 0.1, 1.0])
+@pytest.mark.parametrize("with_output_loss", [False, True])
+def test_chunk_gate_gradient_when_the_loss_reads_the_final_state(norm, with_output_loss):
+    """Regression: with strong gates and a loss on S_T, dg must not be the small difference of two large
+    sums (it was 2e-5 to 2e-4 from float64 before the terms were grouped by the pairs spanning t)."""
+    inputs = random_gla_inputs(B=1, T=128, H=2, K=32, V=32, gate_normalizer=norm, initial_state=True)
+    w_s, w_o = torch.randn(1, 2, 32, 32), torch.randn(1, 128, 2, 32)
+
+    def dg(form, dtype):
+        leaves = {n: t.to(dtype).clone().requires_grad_() for n, t in inputs.items()}
+        o, s = form(**leaves, output_final_state=True)
+        loss = (s * w_s.to(dtype)).sum() + (with_output_loss * (o * w_o.to(dtype))).sum()
+        loss.backward()
+        return leaves["g"].grad
+
+    ref = dg(recurrent_gla, torch.float64)
+    for chunk_size in (16, 64):
+        got = dg(lambda chunk_size=chunk_size, **kw: chunk_gla(**kw, chunk_size=chunk_size), torch.float32)
+        assert relative_rmse(got, ref) <= 1e-5
