@@ -236,16 +236,23 @@ class ChunkGLAFunction(torch.autograd.Function):
         dv = scale * P.transpose(-1, -2) @ doc
         # Inter-chunk part: O_n = scale (Q⊙Λ) S_n and S_{n+1} = ... + (K⊙Γ)^T V.
         dq = dq + scale * (doc @ states.transpose(-1, -2)) * q_decay
-        dk = dk + (vc @ d_leaving.transpose(-1, -2)) * k_decay
+        dk_state = (vc @ d_leaving.transpose(-1, -2)) * k_decay  # through S_{n+1}
         dv = dv + (kc * k_decay) @ d_leaving
-        # The gate-gradient trick: d log b_t = q_t ⊙ dq_t - k_t ⊙ dk_t, then a reverse cumulative sum.
-        # The sum runs inside each chunk; what all later chunks add up to is the sensitivity of the
-        # loss to the state leaving the chunk, Σ_v S_{n+1} ⊙ dS_{n+1}. Mathematically the same as one
-        # sum over T, but the rounding of far-away terms (which cancel exactly) does not pile up.
-        d_log_b = (qc * dq - kc * dk).to(torch.float64)
-        leaving = torch.cat([states[:, :, 1:], final.unsqueeze(2)], dim=2)
-        later = (leaving * d_leaving).sum(-1, dtype=torch.float64).unsqueeze(-2)  # [B, H, N, 1, K]
-        dg = from_chunks((reverse_cumsum(d_log_b, dim=-2) + later).to(qc.dtype), T)
+        # The gate-gradient trick: d log b_t = q_t ⊙ dq_t - k_t ⊙ dk_t, summed over i >= t. Written as
+        # one reverse sum it subtracts large, nearly equal totals whenever gates are strong, so the
+        # terms are grouped by the pairs (i, j) whose decay spans t (j < t <= i), none subtracted:
+        #   - both in the chunk, and the chunk's outputs against the past: reverse sum inside the chunk
+        #     of q ⊙ dq - k ⊙ dk_intra (bounded to C terms);
+        #   - key j < t of the chunk read after the chunk (through S_{n+1}): a forward sum of k ⊙ dk_state
+        #     over j < t;
+        #   - the past S_n read after the chunk: exp(γ) Σ_v S_n ⊙ dS_{n+1}, the same for every t.
+        within = (qc * dq - kc * dk).to(torch.float64)
+        through_state = (kc * dk_state).to(torch.float64)
+        earlier_keys = through_state.cumsum(-2) - through_state  # Σ_{j < t}
+        past = decay.squeeze(-1).double() * (states * d_leaving).sum(-1, dtype=torch.float64)  # [B, H, N, K]
+        dg = reverse_cumsum(within, dim=-2) + earlier_keys + past.unsqueeze(-2)
+        dg = from_chunks(dg.to(qc.dtype), T)
+        dk = dk + dk_state
         dq, dk, dv = (from_chunks(x, T) for x in (dq + dP_diag * kc, dk + dP_diag * qc, dv))
         d_initial = d_state if initial_state is not None else None
         return dq, dk, dv, dg, d_initial, None, None, None
