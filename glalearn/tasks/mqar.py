@@ -76,22 +76,42 @@ def mqar_batch(
     B, n = batch_size, num_pairs
     keys = torch.argsort(torch.rand(B, num_keys, generator=generator), dim=1)[:, :n] + 1
     values = torch.randint(vocab_size // 2, vocab_size, (B, n), generator=generator)
-    inputs = torch.full((B, seq_len), FILLER, dtype=torch.long)
-    targets = torch.full((B, seq_len), IGNORE, dtype=torch.long)
-    inputs[:, 0 : 2 * n : 2] = keys
-    inputs[:, 1 : 2 * n : 2] = values
     # Queries: which pairs are asked (each at most once), and at which slots after the pairs.
     # A query takes two positions (key, then its value), so slots are pairs of positions.
     asked = torch.argsort(torch.rand(B, n, generator=generator), dim=1)[:, :num_queries]
     free_slots = (seq_len - 2 * n) // 2
-    slots = torch.argsort(torch.rand(B, free_slots, generator=generator), dim=1)[:, :num_queries]
-    positions = 2 * n + 2 * slots.sort(dim=1).values  # [B, num_queries]
+    slots = torch.argsort(torch.rand(B, free_slots, generator=generator), dim=1)[:, :num_queries].sort(dim=1).values
+    inputs, targets = mqar_layout(keys, values, asked, slots, seq_len)
+    positions = 2 * n + 2 * slots  # [B, num_queries]
+    return MQARBatch(inputs=inputs, targets=targets, keys=keys, values=values, query_positions=positions)
+
+
+def mqar_layout(keys: torch.Tensor, values: torch.Tensor, asked: torch.Tensor, slots: torch.Tensor,
+                seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lay out MQAR sequences from their random choices (chapter 10; exercise 10.1).
+
+    Args:
+        keys, values: [B, n] int64, the pairs, shown first as k1 v1 k2 v2 ... kn vn (positions 0 .. 2n-1).
+        asked: [B, q] int64, which pairs are queried (indices into the n pairs), in the order asked.
+        slots: [B, q] int64, increasing; query j takes positions p = 2n + 2·slots[j] (its key) and p + 1
+            (its value), so slots index the 2-token places after the pairs.
+        seq_len: T; every other position holds the filler 0.
+    Returns:
+        (inputs [B, T], targets [B, T]) int64: targets[p] = the asked value at each query key's position
+        p, IGNORE (-100) everywhere else.
+    """
+    B, n = keys.shape
+    inputs = torch.full((B, seq_len), FILLER, dtype=torch.long)
+    targets = torch.full((B, seq_len), IGNORE, dtype=torch.long)
+    inputs[:, 0 : 2 * n : 2] = keys
+    inputs[:, 1 : 2 * n : 2] = values
+    positions = 2 * n + 2 * slots
     rows = torch.arange(B)[:, None]
     query_keys, query_values = keys[rows, asked], values[rows, asked]
     inputs[rows, positions] = query_keys
     inputs[rows, positions + 1] = query_values
     targets[rows, positions] = query_values
-    return MQARBatch(inputs=inputs, targets=targets, keys=keys, values=values, query_positions=positions)
+    return inputs, targets
 
 
 def mqar_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
