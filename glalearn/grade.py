@@ -13,6 +13,7 @@ notebook. An exercise whose check cell produced no result is graded from the cel
     not started / failed / passed    as the check reported them
 
 The scorecard lists ID, title, status, points and the first line of the reason, then the total.
+``--jobs N`` grades N notebooks at once (separate processes and kernels; scorecards keep the given order).
 The score of every graded notebook is recorded for `glalearn progress`.
 
 ``--json FILE`` writes, for one notebook, one object
@@ -297,12 +298,14 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the scores as JSON")
     parser.add_argument("--timeout", type=float, default=120, metavar="SECONDS", help="per cell (default 120)")
     parser.add_argument("--no-record", action="store_true", help="do not record the scores for glalearn progress")
+    parser.add_argument("--jobs", "-j", type=int, default=1, metavar="N",
+                        help="grade N notebooks at once, each in its own kernel (default 1)")
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return int(exc.code or 0)
-    if args.timeout <= 0:
-        print("glalearn grade: --timeout must be > 0 seconds", file=sys.stderr)
+    if args.timeout <= 0 or args.jobs < 1:
+        print("glalearn grade: --timeout must be > 0 seconds and --jobs at least 1", file=sys.stderr)
         return 2
     problems = [p for p in (_usage_problem(path) for path in args.notebooks) if p]
     if problems:
@@ -312,8 +315,7 @@ def main(argv=None) -> int:
     if not _has_cuda():  # CPU: any Triton kernel in a notebook runs in the interpreter
         os.environ.setdefault("TRITON_INTERPRET", "1")
     grades = []
-    for path in args.notebooks:
-        grade = grade_notebook(path, timeout=args.timeout)
+    for path, grade in zip(args.notebooks, _grade_all(args.notebooks, args.timeout, args.jobs)):
         grades.append(grade)
         print(grade.scorecard(), flush=True)
         if not args.no_record:
@@ -327,6 +329,19 @@ def main(argv=None) -> int:
         data = grades[0].to_json() if len(grades) == 1 else [g.to_json() for g in grades]
         args.json.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return 0 if all(g.all_passed for g in grades) else 1
+
+
+def _grade_all(paths: list[Path], timeout: float, jobs: int):
+    """Grade notebooks in the order given; with jobs > 1, that many at once (each its own process and kernel)."""
+    if jobs <= 1 or len(paths) == 1:
+        for path in paths:
+            yield grade_notebook(path, timeout=timeout)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=min(jobs, len(paths)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield from pool.map(grade_notebook, paths, [timeout] * len(paths))
 
 
 def _has_cuda() -> bool:
