@@ -213,7 +213,7 @@ class GatedLinearAttention(nn.Module):
             raise ValueError(f"x_t must be [B, d_model={self.d_model}], got shape {tuple(x_t.shape)}")
         if state is None:
             state = self.init_state(x_t.shape[0], x_t.device)
-        q, k, v, g = self.project(x_t)
+        q, k, v, g = (t.to(state.dtype) for t in self.project(x_t))  # the state sets the precision
         o, state = recurrent_step(state, q, k, v, g, self.scale)
         return self.finish(x_t, o), state
 

@@ -43,6 +43,8 @@ CHAPTER_MODULES = (
     "glalearn.checks.ch05",
     "glalearn.checks.ch06",
     "glalearn.checks.ch07",
+    "glalearn.checks.ch08",
+    "glalearn.checks.ch09",
     "glalearn.checks.ch10",
 )
 
