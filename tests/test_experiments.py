@@ -138,7 +138,7 @@ def test_results_schema(micro_recall):
         ex.validate_results(bad)
     bad = copy.deepcopy(micro_recall)
     bad["summary"][0]["accuracy"] += 0.5
-    with pytest.raises(ValueError, match="summary does not match"):
+    with pytest.raises(ValueError, match=r"results\['summary'\] does not match"):
         ex.validate_results(bad)
     bad = copy.deepcopy(micro_recall)
     bad["command"] = "python train.py"
@@ -227,7 +227,7 @@ def test_committed_checkpoint_loads_and_recalls():
     model, run = ex.load_recall_checkpoint(path)
     assert run["mixer"] == "gla"
     p = ex.RECALL_PRESETS["cpu"]
-    batch = mqar_batch(256, p.seq_len, run["num_pairs"], p.vocab_size, seed=ex.EVAL_SEED + run["num_pairs"])
+    batch = mqar_batch(p.eval_size, p.seq_len, run["num_pairs"], p.vocab_size, seed=ex.EVAL_SEED + run["num_pairs"])
     with torch.no_grad():
         acc = mqar_accuracy(model(batch.inputs), batch.targets)
     graded = int((batch.targets != IGNORE).sum())
@@ -243,11 +243,11 @@ def test_chapter_10_exercise_references_match_the_library():
     from glalearn.gates import retnet_log_decay
     from glalearn.tasks.mqar import mqar_layout
 
-    x = torch.randn(2, 5, 6, 3, dtype=torch.float64)
+    x = torch.randn(2, 5, 6, 4, dtype=torch.float64)
     g = fixed_log_gate(x)
-    assert torch.allclose(g[1, 4, :, 2], retnet_log_decay(6).double(), rtol=1e-6)
+    assert torch.allclose(g[1, 4, :, 3], retnet_log_decay(6).double(), rtol=1e-6)
     layer = GatedLinearAttention(48, 6, gate="fixed")
-    assert torch.allclose(fixed_log_gate(x.float()[:, :, :, :4]), layer.log_gate(torch.randn(2, 5, 48)))
+    assert torch.allclose(fixed_log_gate(x.float()), layer.log_gate(torch.randn(2, 5, 48)))
     b = mqar_batch(3, 40, 6, 50, seed=4)
     asked_slots = (b.query_positions - 12) // 2
     inputs, targets = mqar_layout(b.keys, b.values, torch.zeros_like(asked_slots), asked_slots, 40)
