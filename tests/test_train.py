@@ -122,3 +122,35 @@ def test_eval_windows_cover_every_token_once():
         targets = [i for s, n in windows for i in range(s + 1, s + n + 1)]
         assert targets == list(range(1, 1000))
         assert all(n <= C for _, n in windows)
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    one = train(_cfg(steps=3), tmp_path / "one", progress=False)
+    acc = train(_cfg(steps=3, accum_steps=2), tmp_path / "acc", progress=False)
+    assert [r["loss"] for r in acc["steps"]] == pytest.approx([r["loss"] for r in one["steps"]], abs=1e-5)
+
+
+def test_torchrun_two_ranks_match_one_process(tmp_path):
+    """Issue 9: DDP with gloo on CPU, each rank its rows of the global batch, = one process."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    if torchrun is None:
+        pytest.skip("torchrun not installed beside this Python")
+    args = ["-m", "glalearn.train", "--preset", "tiny-cpu", "--steps", "3", "--batch-size", "4",
+            "--eval-interval", "3", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([torchrun, "--nproc_per_node", "2", *args, "--out", str(tmp_path / "two")], check=True,
+                   env=env, capture_output=True, timeout=600)
+    subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], check=True, env=env,
+                   capture_output=True, timeout=600)
+    two = json.loads((tmp_path / "two" / "train_log.json").read_text())
+    one = json.loads((tmp_path / "one" / "train_log.json").read_text())
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    assert [r["loss"] for r in two["steps"]] == pytest.approx([r["loss"] for r in one["steps"]], abs=1e-5)
+    a, b = load_checkpoint(tmp_path / "two"), load_checkpoint(tmp_path / "one")  # written by rank 0, loads in one
+    for (name, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert (p - q).abs().max() < 1e-5, name
