@@ -498,8 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     recall.add_argument("--preset", default="cpu", choices=sorted(RECALL_PRESETS))
     recall.add_argument("--out", help="results JSON (default: recall_PRESET.json in the current folder)")
     recall.add_argument("--checkpoint", help="save one run's weights here (.safetensors)")
-    recall.add_argument("--checkpoint-run", default="gla,32,4",
-                        help="which run --checkpoint saves: MIXER,WIDTH,PAIRS (default gla,32,4)")
+    recall.add_argument("--checkpoint-run", default="gla,64,4",
+                        help="which run --checkpoint saves: MIXER,WIDTH,PAIRS (default gla,64,4)")
     ablation = sub.add_parser("ablation", help="Table 4 in miniature: gates and heads on Tiny Shakespeare")
     ablation.add_argument("--preset", default="cpu", choices=sorted(ABLATION_PRESETS))
     ablation.add_argument("--out", help="results JSON (default: ablation_PRESET.json in the current folder)")
