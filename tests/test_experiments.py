@@ -77,13 +77,27 @@ def test_scalar_and_fixed_gates_are_constrained_vector_gates():
     assert torch.equal(GatedLinearAttention(32, 4, gate="none").log_gate(x), torch.zeros(2, 9, 4, 4))
 
 
-def test_tiny_mqar_training_beats_chance():
+@pytest.fixture
+def one_thread():
+    """Tiny models: one thread is several times faster than two on a loaded 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_tiny_mqar_training_beats_chance(one_thread):
     """Softmax attention learns to answer from the context: well above 1 / (number of values)."""
     preset = ex.RecallPreset(widths=(32,), seq_len=16, num_pairs=(2,), vocab_size=16, steps=60, batch_size=32,
                              lrs=(1e-2,), seeds=(0,), warmup_steps=5, eval_every=30, eval_size=128)
     record = ex.train_recall("softmax", 32, 2, 0, 1e-2, preset)
     chance = 1 / (preset.vocab_size // 2)
     assert record["curve"][-1]["accuracy"] >= chance + 0.15, record["curve"]
+    torch.manual_seed(0)  # the same initial weights, untrained, on the same held-out set
+    untrained = ex.recall_model("softmax", 32, preset)
+    held_out = mqar_batch(preset.eval_size, 16, 2, 16, seed=ex.EVAL_SEED + 2)
+    with torch.no_grad():
+        assert mqar_accuracy(untrained(held_out.inputs), held_out.targets) < chance + 0.15
     assert record["curve"][-1]["loss"] < math.log(preset.vocab_size), record["curve"]
 
 
