@@ -97,6 +97,8 @@ PRESETS: dict[str, TrainConfig] = {
     "shakespeare-gla": TrainConfig(model=_gla(**SHIPPED, backend="chunk", chunk_size=16), **SHIPPED_TRAINING),
     "shakespeare-transformer": TrainConfig(model=_transformer(**SHIPPED), **SHIPPED_TRAINING),
     # A small GLA that trains on a 2-core CPU in minutes (0.8M parameters, 1000 × 32 × 64 = 2M tokens).
+    # Measured: 0.28 s per step on an idle 2-core CPU (about 5 minutes in all); validation loss 1.85 at
+    # step 500 and 1.76 at step 700 (a run on a heavily shared machine, where it took far longer).
     "tiny-cpu": TrainConfig(model=_gla(**TINY), **TINY_TRAINING),
     "tiny-cpu-transformer": TrainConfig(model=_transformer(**TINY), **TINY_TRAINING),
 }
