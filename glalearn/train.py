@@ -28,7 +28,7 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -137,6 +137,23 @@ class Dist:
     def barrier(self) -> None:
         if self.world_size > 1:
             torch.distributed.barrier()
+
+
+@contextmanager
+def process_group(device: str = "auto"):
+    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on GPUs, gloo on CPU), yield the
+    :class:`Dist`, leave it at the end. In one process: yield ``Dist()`` and do nothing else."""
+    dist = Dist.from_env()
+    if dist.world_size > 1:
+        use_cuda = torch.cuda.is_available() and device != "cpu" and not device.startswith("cpu")
+        if use_cuda:
+            torch.cuda.set_device(dist.local_rank)
+        torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
+    try:
+        yield dist
+    finally:
+        if dist.world_size > 1:
+            torch.distributed.destroy_process_group()
 
 
 def resolve_device(name: str, dist: Dist) -> torch.device:
@@ -452,18 +469,11 @@ def main(argv=None) -> int:
             parser.error("--chunk-size applies to GLA presets only")
         cfg.model["chunk_size"] = args.chunk_size
     cfg.extra = {**cfg.extra, "preset": args.preset}
-    dist = Dist.from_env()
-    if dist.world_size > 1:
-        backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
-        torch.distributed.init_process_group(backend)
-    try:
+    with process_group(cfg.device) as dist:
         command = "python -m glalearn.train " + " ".join(sys.argv[1:] if argv is None else argv)
         log = train(cfg, args.out, resume=args.resume, progress=not args.no_progress, dist=dist, command=command)
         if dist.is_main:
             print(f"final validation loss {log['final_val_loss']:.4f} (nats/char); checkpoint in {args.out}")
-    finally:
-        if dist.world_size > 1:
-            torch.distributed.destroy_process_group()
     return 0
 
 
