@@ -6,17 +6,41 @@ The corpus is 1,115,394 characters of Shakespeare (char-rnn's Tiny Shakespeare, 
 
 Token ids are stored as uint8 numpy arrays (65 < 256), so a split is a flat array that batches are cut
 from, and a corpus can be memory-mapped.
+
+Your own corpus (``python -m glalearn.train --data PATH``, appendix chapter 11): :func:`load_corpus` reads a
+UTF-8 text file, or every file of a folder (and its subfolders; hidden names skipped) in sorted order of
+their relative paths joined by :data:`FILE_SEPARATOR` (a blank line, ``"\n\n"``, between consecutive
+files). It streams the bytes in blocks, never holding the text in memory, checks that they are UTF-8
+without NUL bytes, and writes the token ids once to a cache file (uint8 for up to 256 symbols, uint16
+beyond) that training reads through ``numpy.memmap`` — so a corpus larger than RAM works. Two tokenizers:
+
+- ``char`` (:class:`CharTokenizer`): one token per character of the corpus's own alphabet (its distinct
+  characters, sorted);
+- ``byte`` (:class:`ByteTokenizer`): the 256 byte values of the UTF-8 encoding; no unknown characters.
 """
 
 from __future__ import annotations
 
+import codecs
+import hashlib
+import json
+import os
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib.resources import files
+from pathlib import Path
 
 import numpy as np
 import torch
 
 TRAIN_FRACTION = 0.9
+FILE_SEPARATOR = "\n\n"  # between consecutive files of a --data folder
+BLOCK_BYTES = 1 << 22  # corpora are read and tokenized 4 MiB at a time
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned integer type that holds ``vocab_size`` token ids."""
+    return np.dtype(np.uint8 if vocab_size <= 256 else np.uint16 if vocab_size <= 65536 else np.uint32)
 
 
 def corpus_text() -> str:
@@ -64,7 +88,7 @@ class CharTokenizer:
                 f"character {text[pos]!r} (U+{ord(text[pos]):04X}) at position {pos} is not in the tokenizer's "
                 f"{self.vocab_size}-character alphabet; remove or replace it"
             )
-        return ids.astype(np.uint8 if self.vocab_size <= 256 else np.uint16)
+        return ids.astype(token_dtype(self.vocab_size))
 
     def encode(self, text: str) -> list[int]:
         """text -> list of token ids."""
@@ -89,11 +113,56 @@ class CharTokenizer:
         return f"CharTokenizer(vocab_size={self.vocab_size})"
 
 
-def tokenizer_from_dict(data: dict) -> CharTokenizer:
+class ByteTokenizer:
+    """One token per byte of the text's UTF-8 encoding: 256 symbols, no unknown characters (chapter 11).
+
+    ``encode`` never fails on a str: a non-ASCII character becomes 2-4 tokens. ``decode`` turns ids back
+    into bytes and decodes them as UTF-8 with ``errors="replace"``: a byte sequence that is not valid
+    UTF-8 (which a sampling model can produce, e.g. half a multi-byte character) comes out as U+FFFD
+    (the replacement character, '\ufffd') instead of raising.
+    """
+
+    kind = "byte"
+    vocab_size = 256
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """text -> its UTF-8 bytes as a numpy uint8 array [number of bytes]."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).copy()
+
+    def encode(self, text: str) -> list[int]:
+        """text -> list of token ids (byte values 0..255)."""
+        return self.encode_array(text).tolist()
+
+    def decode(self, ids) -> str:
+        """token ids (list, numpy array or tensor [T]) -> text; invalid UTF-8 becomes U+FFFD."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        ids = [int(i) for i in ids]
+        for pos, i in enumerate(ids):
+            if not 0 <= i < 256:
+                raise ValueError(f"token id {i} at position {pos} is outside 0..255")
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind}
+
+    def __repr__(self) -> str:
+        return "ByteTokenizer(vocab_size=256)"
+
+
+TOKENIZERS = ("char", "byte")
+
+
+def tokenizer_from_dict(data: dict) -> CharTokenizer | ByteTokenizer:
     """Rebuild a tokenizer from ``to_dict()`` output (as stored in config.json)."""
-    if data.get("kind") != "char":
-        raise ValueError(f"tokenizer kind must be 'char', got {data.get('kind')!r}")
-    return CharTokenizer(data["chars"])
+    kind = data.get("kind")
+    if kind == "char":
+        return CharTokenizer(data["chars"])
+    if kind == "byte":
+        return ByteTokenizer()
+    raise ValueError(f"tokenizer kind must be one of {TOKENIZERS}, got {kind!r}")
 
 
 @lru_cache(maxsize=1)
@@ -146,3 +215,140 @@ def eval_windows(ids: np.ndarray, context: int) -> list[tuple[int, int]]:
     """
     n = len(ids)
     return [(s, min(context, n - 1 - s)) for s in range(0, n - 1, context)]
+
+
+# ----------------------------------------------------------------------------- your own corpus (chapter 11)
+def corpus_files(path: str | Path) -> list[Path]:
+    """The files ``--data PATH`` names: the file itself, or every non-hidden file under the folder, sorted."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"--data: {path} does not exist (expected a UTF-8 text file or a folder of them)")
+    if path.is_file():
+        found = [path]
+    elif path.is_dir():
+        found = sorted((p for p in path.rglob("*") if p.is_file()
+                        and not any(part.startswith(".") for part in p.relative_to(path).parts)),
+                       key=lambda p: p.relative_to(path).as_posix())
+        if not found:
+            raise ValueError(f"--data: the folder {path} holds no files (expected UTF-8 text files)")
+    else:
+        raise ValueError(f"--data: {path} is neither a file nor a folder")
+    return found
+
+
+def _blocks(files_: list[Path], block_bytes: int | None = None):
+    """(file, byte offset in it, bytes) blocks of every file, each file checked to be non-empty UTF-8 text.
+
+    The separator's bytes come as a block of their own (file None) between consecutive files.
+    """
+    sep = FILE_SEPARATOR.encode("utf-8")
+    for n, f in enumerate(files_):
+        if f.stat().st_size == 0:
+            raise ValueError(f"--data: {f} is empty (expected UTF-8 text)")
+        if n:
+            yield None, 0, sep
+        decoder = codecs.getincrementaldecoder("utf-8")("strict")
+        offset = 0
+        with open(f, "rb") as fh:
+            while block := fh.read(block_bytes or BLOCK_BYTES):
+                nul = block.find(b"\0")
+                if nul >= 0:
+                    raise ValueError(f"--data: {f} is binary, not text: a NUL byte at byte offset {offset + nul}")
+                try:
+                    decoder.decode(block)
+                except UnicodeDecodeError as err:
+                    raise ValueError(f"--data: {f} is not UTF-8 text: {err.reason} near byte offset "
+                                     f"{max(0, offset + err.start)} (byte 0x{err.object[err.start]:02x}); "
+                                     "convert it to UTF-8 first") from None
+                yield f, offset, block
+                offset += len(block)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise ValueError(f"--data: {f} is not UTF-8 text: it ends inside a multi-byte character") from None
+
+
+def _fingerprint(files_: list[Path], kind: str) -> str:
+    h = hashlib.sha256(f"glalearn-corpus-v1 {kind} {FILE_SEPARATOR!r}".encode())
+    for f in files_:
+        st = f.stat()
+        h.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Corpus:
+    """A tokenized corpus on disk (chapter 11): the tokenizer and the token ids as a read-only memmap."""
+
+    tokenizer: CharTokenizer | ByteTokenizer
+    ids: np.memmap
+    cache: Path  # the token file
+    files: list[Path]
+
+    def splits(self, train_fraction: float = TRAIN_FRACTION) -> tuple[np.memmap, np.memmap]:
+        """(train, validation) memmaps: the first 90% of the tokens and the last 10%, as for Tiny Shakespeare."""
+        return split_ids(self.ids, train_fraction)
+
+    def describe(self) -> dict:
+        return {"files": len(self.files), "tokens": len(self.ids), "tokenizer": self.tokenizer.kind,
+                "vocab_size": self.tokenizer.vocab_size, "cache": self.cache.name,
+                "dtype": str(self.ids.dtype)}
+
+
+def load_corpus(path: str | Path, tokenizer: str = "char", cache_dir: str | Path | None = None) -> Corpus:
+    """Tokenize ``path`` (a UTF-8 file or a folder of them) once into ``cache_dir`` and memory-map it (chapter 11).
+
+    The cache file is named by a fingerprint of the files (paths, sizes, modification times) and the
+    tokenizer, so a later call (a resumed run, another rank) reuses it and an edited corpus is tokenized
+    anew. ``cache_dir`` defaults to a ``.glalearn-cache`` folder beside ``path``. Raises FileNotFoundError
+    for a missing path and ValueError for an empty file or folder, a binary or non-UTF-8 file.
+    """
+    if tokenizer not in TOKENIZERS:
+        raise ValueError(f"--tokenizer must be one of {TOKENIZERS}, got {tokenizer!r}")
+    files_ = corpus_files(path)
+    cache_dir = Path(cache_dir) if cache_dir is not None else Path(path).resolve().parent / ".glalearn-cache"
+    key = _fingerprint(files_, tokenizer)
+    meta_path = cache_dir / f"corpus-{key}.json"
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        tok_path = cache_dir / meta["tokens_file"]
+        if tok_path.exists() and tok_path.stat().st_size == meta["tokens"] * np.dtype(meta["dtype"]).itemsize:
+            return _open(meta, tok_path, files_)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    if tokenizer == "byte":
+        tok: CharTokenizer | ByteTokenizer = ByteTokenizer()
+    else:  # first pass: the alphabet (and every check)
+        alphabet: set[str] = set()
+        decoder = None
+        for f, offset, block in _blocks(files_):
+            if offset == 0:
+                decoder = codecs.getincrementaldecoder("utf-8")()
+            alphabet.update(decoder.decode(block))
+        tok = CharTokenizer("".join(sorted(alphabet)))
+    dtype = token_dtype(tok.vocab_size)
+    tok_path = cache_dir / f"corpus-{key}.{dtype.name}"
+    tmp = tok_path.with_name(f"{tok_path.name}.{os.getpid()}.tmp")
+    count = 0
+    with open(tmp, "wb") as out:
+        decoder = None
+        for f, offset, block in _blocks(files_):
+            if tokenizer == "byte":
+                ids = np.frombuffer(block, dtype=np.uint8)
+            else:
+                if offset == 0:
+                    decoder = codecs.getincrementaldecoder("utf-8")()
+                ids = tok.encode_array(decoder.decode(block))
+            out.write(ids.astype(dtype, copy=False).tobytes())
+            count += len(ids)
+    os.replace(tmp, tok_path)
+    meta = {"tokens_file": tok_path.name, "tokens": count, "dtype": dtype.name, "tokenizer": tok.to_dict(),
+            "files": [str(f) for f in files_], "separator": FILE_SEPARATOR}
+    tmp_meta = meta_path.with_name(f"{meta_path.name}.{os.getpid()}.tmp")
+    tmp_meta.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp_meta, meta_path)
+    return _open(meta, tok_path, files_)
+
+
+def _open(meta: dict, tok_path: Path, files_: list[Path]) -> Corpus:
+    ids = np.memmap(tok_path, dtype=np.dtype(meta["dtype"]), mode="r", shape=(meta["tokens"],))
+    return Corpus(tokenizer_from_dict(meta["tokenizer"]), ids, tok_path, files_)

@@ -35,7 +35,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from glalearn.data import sample_batch, shakespeare_splits, shakespeare_tokenizer, tokenizer_from_dict
+from glalearn.data import (
+    TOKENIZERS,
+    load_corpus,
+    sample_batch,
+    shakespeare_splits,
+    shakespeare_tokenizer,
+    tokenizer_from_dict,
+)
 from glalearn.model import CausalLM, GLAConfig, LMConfig, TransformerConfig, build_model, config_from_dict
 
 
@@ -64,6 +71,10 @@ class TrainConfig:
     amp_dtype: str | None = None  # "bfloat16": autocast the matmuls on a GPU
     save_dtype: str = "float32"  # dtype of model.safetensors ("float16" halves the file)
     compile: bool = False
+    data: str | None = None  # your own corpus: a UTF-8 file or a folder of them (None: Tiny Shakespeare)
+    tokenizer: str = "char"  # "char" (the corpus's alphabet) or "byte" (256 UTF-8 byte values)
+    data_cache: str | None = None  # where the token file of ``data`` goes (None: OUT/data_cache)
+    fsdp: bool = False  # under torchrun: FSDP2 fully_shard per block + root instead of DDP
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -175,14 +186,17 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
     return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on the matrices only (not on norms, biases or the gate's bias)."""
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool = True) -> torch.optim.AdamW:
+    """AdamW with weight decay on the matrices only (not on norms, biases or the gate's bias).
+
+    ``fused``: the fused CUDA kernel on a GPU (off for FSDP2's sharded parameters, which take the
+    default multi-tensor path)."""
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    kwargs = {"fused": True} if next(model.parameters()).is_cuda else {}
+    kwargs = {"fused": True} if fused and next(model.parameters()).is_cuda else {}
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), **kwargs)
 
 
@@ -192,21 +206,27 @@ def batch_generator(cfg: TrainConfig, step: int) -> torch.Generator:
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def save_checkpoint(model: CausalLM, out: Path, extra_config: dict, save_dtype: str = "float32") -> None:
-    """model.safetensors (weights in ``save_dtype``) + config.json (model config, tokenizer, ``extra_config``)."""
+def save_checkpoint(model: CausalLM, out: Path, extra_config: dict, save_dtype: str = "float32",
+                    state: dict | None = None) -> None:
+    """model.safetensors (weights in ``save_dtype``) + config.json (model config, tokenizer, ``extra_config``).
+
+    ``state``: the full state dict when the model itself holds only shards (FSDP2, gathered by
+    :func:`full_states`); by default ``model.state_dict()``. Either way the file is the same.
+    """
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[save_dtype]
-    tensors = _state_tensors(model, dtype)
+    tensors = _state_tensors(model, dtype, state)
     config = {"model": model.config.to_dict(), "tokenizer": model.tokenizer.to_dict(), "save_dtype": save_dtype,
               **extra_config}
     _atomic_write_safetensors(tensors, out / "model.safetensors", {"format": "pt"})
     _atomic_write_json(config, out / "config.json")
 
 
-def _state_tensors(model: CausalLM, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    state = model.state_dict()
+def _state_tensors(model: CausalLM, dtype: torch.dtype, state: dict | None = None) -> dict[str, torch.Tensor]:
+    state = dict(model.state_dict() if state is None else state)
     if model.config.tie_embeddings:
-        state.pop("lm_head.weight")
+        state.pop("lm_head.weight", None)
     return {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
 
 
@@ -240,30 +260,122 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Cau
     return model.to(device).eval()
 
 
-def _save_train_state(model, optimizer, step: int, out: Path, log: dict) -> None:
-    tensors = {f"model.{k}": v for k, v in _state_tensors(model, torch.float32).items()}
-    opt = optimizer.state_dict()
-    for idx, st in opt["state"].items():
+def _param_order(model, optimizer) -> list[str]:
+    """The parameter names in the optimizer's order: index i of ``optimizer.state_dict()`` is name i."""
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    return [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+def full_states(model, optimizer, fsdp: bool) -> tuple[dict, dict]:
+    """(model state, optimizer state by parameter index), full and on the CPU on rank 0 (chapter 11).
+
+    Under FSDP2 each rank holds a shard of every parameter and moment: gathering them is a collective
+    that every rank must enter; the other ranks get empty dicts. Without FSDP the model's own state.
+    """
+    if not fsdp:
+        opt = optimizer.state_dict()
+        return model.state_dict(), opt["state"]
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(model, options=options)
+    opt = get_optimizer_state_dict(model, optimizer, options=options)
+    index = {name: i for i, name in enumerate(_param_order(model, optimizer))}
+    return state, {index[name]: st for name, st in opt.get("state", {}).items()}
+
+
+def _save_train_state(model, optimizer, step: int, out: Path, log: dict, state: dict, opt_state: dict) -> None:
+    tensors = {f"model.{k}": v for k, v in _state_tensors(model, torch.float32, state).items()}
+    for idx, st in opt_state.items():
         for name, value in st.items():
             tensors[f"opt.{idx}.{name}"] = value.detach().to("cpu").reshape(value.shape).contiguous()
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"}
+              for g in optimizer.param_groups]
+    n = 0
+    for g, src in zip(groups, optimizer.param_groups):
+        g["params"] = list(range(n, n + len(src["params"])))
+        n += len(src["params"])
     _atomic_write_safetensors(tensors, out / "train_state.safetensors")
-    _atomic_write_json({"step": step, "param_groups": opt["param_groups"]}, out / "train_state.json")
+    _atomic_write_json({"step": step, "param_groups": groups}, out / "train_state.json")
     _atomic_write_json(log, out / "train_log.json")
 
 
-def _load_train_state(model, optimizer, out: Path) -> int:
+def _read_train_state(out: Path) -> tuple[int, dict, dict, list]:
+    """(step, model state, optimizer state by parameter index, param_groups) of OUT/train_state.*."""
     meta = json.loads((out / "train_state.json").read_text())
     tensors = load_file(str(out / "train_state.safetensors"))
-    device = next(model.parameters()).device
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")},
-                          strict=not model.config.tie_embeddings)
+    model_state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith("opt."):
             _, idx, name = key.split(".", 2)
-            state.setdefault(int(idx), {})[name] = value if name == "step" else value.to(device)
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    return int(meta["step"])
+            state.setdefault(int(idx), {})[name] = value
+    return int(meta["step"]), model_state, state, meta["param_groups"]
+
+
+def _load_optimizer_state(model, optimizer, state: dict, param_groups: list, fsdp: bool) -> None:
+    if not fsdp:
+        device = next(model.parameters()).device
+        state = {i: {k: v if k == "step" else v.to(device) for k, v in st.items()} for i, st in state.items()}
+        optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = _param_order(model, optimizer)
+    groups = [{**g, "params": [names[i] for i in g["params"]]} for g in param_groups]
+    full = {"state": {names[i]: st for i, st in state.items()}, "param_groups": groups}
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=full,
+                             options=StateDictOptions(full_state_dict=True))
+
+
+# ----------------------------------------------------------------------------- data
+def training_data(cfg: TrainConfig, out: Path, dist: Dist | None = None):
+    """(tokenizer, train ids, validation ids, description) for ``cfg`` (chapters 9 and 11).
+
+    Tiny Shakespeare with its 65-character tokenizer by default. With ``cfg.data`` (or the byte
+    tokenizer) the corpus is tokenized once into ``cfg.data_cache`` (default OUT/data_cache) by the
+    first process of each machine while the others wait, and read by every rank through numpy.memmap.
+    """
+    dist = dist or Dist()
+    if cfg.tokenizer not in TOKENIZERS:
+        raise ValueError(f"--tokenizer must be one of {TOKENIZERS}, got {cfg.tokenizer!r}")
+    if cfg.data is None and cfg.tokenizer == "char":
+        train_ids, val_ids = shakespeare_splits()
+        return shakespeare_tokenizer(), train_ids, val_ids, {"corpus": "tinyshakespeare", "tokenizer": "char"}
+    if cfg.data is None:
+        from importlib.resources import files
+
+        path = Path(str(files("glalearn") / "assets" / "tinyshakespeare.txt"))
+    else:
+        path = Path(cfg.data)
+    cache = Path(cfg.data_cache) if cfg.data_cache else out / "data_cache"
+    if dist.local_rank == 0:
+        corpus = load_corpus(path, cfg.tokenizer, cache)
+    dist.barrier()
+    if dist.local_rank != 0:
+        corpus = load_corpus(path, cfg.tokenizer, cache)  # the token file the first rank wrote
+    train_ids, val_ids = corpus.splits()
+    need = cfg.context + 1
+    if len(val_ids) < need:
+        raise ValueError(f"--data: the corpus {path} is {len(corpus.ids):,} tokens ({cfg.tokenizer} tokenizer), "
+                         f"too short for one context window: its validation split (the last 10%) holds "
+                         f"{len(val_ids):,} tokens, fewer than --context + 1 = {need}. Use a longer corpus "
+                         f"(at least {10 * need:,} tokens) or a smaller context")
+    return corpus.tokenizer, train_ids, val_ids, {"corpus": str(path), **corpus.describe()}
+
+
+def _check_resumed_tokenizer(out: Path, tokenizer) -> None:
+    config = out / "config.json"
+    if config.exists():
+        saved = json.loads(config.read_text()).get("tokenizer")
+        if saved is not None and saved != tokenizer.to_dict():
+            raise ValueError(f"--resume: the checkpoint in {out} was trained with a different tokenizer "
+                             f"({saved.get('kind')}, {len(saved.get('chars', '')) or 256} symbols) than this "
+                             f"run's {tokenizer!r}; use the same --data and --tokenizer")
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -308,11 +420,15 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
     if cfg.batch_size % (dist.world_size * cfg.accum_steps):
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by world_size × accum_steps = "
                          f"{dist.world_size} × {cfg.accum_steps}")
-    tokenizer = shakespeare_tokenizer()
-    train_ids, val_ids = shakespeare_splits()
+    tokenizer, train_ids, val_ids, data_info = training_data(cfg, out, dist)
+    if cfg.data is not None or cfg.tokenizer != "char":  # the vocabulary follows the corpus's tokenizer
+        cfg = dataclasses.replace(cfg, model={**cfg.model, "vocab_size": tokenizer.vocab_size})
     mcfg: LMConfig = config_from_dict(cfg.model)
     if mcfg.vocab_size != tokenizer.vocab_size:
         raise ValueError(f"model vocab_size {mcfg.vocab_size} != tokenizer's {tokenizer.vocab_size}")
+    fsdp = cfg.fsdp and dist.world_size > 1
+    if cfg.fsdp and not fsdp and dist.is_main:
+        print("--fsdp: one process, nothing to shard; training without FSDP", file=sys.stderr)
     torch.manual_seed(cfg.seed)
     model = build_model(mcfg).to(device)
     model.tokenizer = tokenizer
@@ -320,13 +436,15 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
         for block in model.blocks:
             if hasattr(block.mixer, "check_inputs"):
                 block.mixer.check_inputs = False  # no host-device sync per layer
-    optimizer = make_optimizer(model, cfg)
-    start_step = 0
+    start_step, opt_state = 0, None
     log = {"preset": cfg.extra.get("preset"), "command": command, "train_config": cfg.to_dict(),
            "parameters": model.num_parameters(), "machine": machine_info(device), "world_size": dist.world_size,
+           "parallel": "fsdp2" if fsdp else "ddp" if dist.world_size > 1 else "none", "data": data_info,
            "steps": [], "evals": []}
     if resume and (out / "train_state.json").exists():
-        start_step = _load_train_state(model, optimizer, out)
+        _check_resumed_tokenizer(out, tokenizer)
+        start_step, model_state, opt_state, param_groups = _read_train_state(out)
+        model.load_state_dict(model_state, strict=not model.config.tie_embeddings)
         old = json.loads((out / "train_log.json").read_text())
         log["steps"] = [r for r in old["steps"] if r["step"] < start_step]
         log["evals"] = [r for r in old["evals"] if r["step"] <= start_step]
@@ -334,10 +452,19 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
     elif resume and dist.is_main:
         print(f"--resume: no train_state.json in {out}, starting from step 0", file=sys.stderr)
     train_model = model
-    if dist.world_size > 1:
+    if fsdp:  # FSDP2: every block, then the root (embedding, final norm, head), sharded over the ranks
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+    elif dist.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = make_optimizer(model, cfg, fused=not fsdp)
+    if opt_state is not None:
+        _load_optimizer_state(model, optimizer, opt_state, param_groups, fsdp)
     step_fn = torch.compile(train_model) if cfg.compile else train_model
     amp_dtype = {None: None, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.amp_dtype]
 
@@ -390,7 +517,9 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
         for a in range(cfg.accum_steps):
             xs, ys = x[a * micro:(a + 1) * micro], y[a * micro:(a + 1) * micro]
             sync = a == cfg.accum_steps - 1 or dist.world_size == 1
-            ctx = nullcontext() if sync else train_model.no_sync()
+            if fsdp:  # FSDP2: reduce-scatter the gradients after the last micro-batch only
+                model.set_requires_gradient_sync(sync)
+            ctx = nullcontext() if sync or fsdp else train_model.no_sync()
             with ctx:
                 with amp():
                     logits = step_fn(xs)
@@ -420,9 +549,11 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
                 bar.write(f"step {done}: train {train_loss:.4f}  val {val:.4f}")
         if done % cfg.checkpoint_interval == 0 or done == cfg.steps:
             flush(done)
+            state, opt_full = full_states(model, optimizer, fsdp)  # a collective under FSDP2
             if dist.is_main:
-                _save_train_state(model, optimizer, done, out, log)
-                save_checkpoint(model, out, {"train": cfg.to_dict(), "step": done}, cfg.save_dtype)
+                _save_train_state(model, optimizer, done, out, log, state, opt_full)
+                save_checkpoint(model, out, {"train": cfg.to_dict(), "step": done}, cfg.save_dtype, state)
+            del state, opt_full
             dist.barrier()
             paused = True
         if paused:  # evaluation and checkpoints stay out of the throughput
@@ -452,13 +583,26 @@ def main(argv=None) -> int:
     parser.add_argument("--backend", help="GLA backend: recurrent, chunk, two_level, flash, auto")
     parser.add_argument("--chunk-size", type=int, help="GLA chunk size of the chunk / two_level backends")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--data", help="train on your own corpus: a UTF-8 text file or a folder of them "
+                                       "(sorted, joined by a blank line); default Tiny Shakespeare")
+    parser.add_argument("--tokenizer", choices=TOKENIZERS,
+                        help="char: one token per character of the corpus (default); byte: 256 UTF-8 bytes")
+    parser.add_argument("--data-cache", help="folder for the tokenized corpus (default OUT/data_cache)")
+    parser.add_argument("--context", type=int, help="tokens per training window")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="under torchrun: shard parameters, gradients and AdamW moments with FSDP2 "
+                             "(fully_shard per block) instead of replicating them with DDP")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     overrides = {name: getattr(args, attr) for name, attr in [
         ("steps", "steps"), ("batch_size", "batch_size"), ("accum_steps", "accum_steps"), ("lr", "lr"),
-        ("seed", "seed"), ("device", "device"), ("eval_interval", "eval_interval")] if getattr(args, attr) is not None}
+        ("seed", "seed"), ("device", "device"), ("eval_interval", "eval_interval"), ("data", "data"),
+        ("tokenizer", "tokenizer"), ("data_cache", "data_cache"), ("context", "context")]
+        if getattr(args, attr) is not None}
     if args.compile:
         overrides["compile"] = True
+    if args.fsdp:
+        overrides["fsdp"] = True
     cfg = preset(args.preset, **overrides)
     if args.backend:
         if cfg.model.get("model_type") != "gla":
@@ -473,7 +617,8 @@ def main(argv=None) -> int:
         command = "python -m glalearn.train " + " ".join(sys.argv[1:] if argv is None else argv)
         log = train(cfg, args.out, resume=args.resume, progress=not args.no_progress, dist=dist, command=command)
         if dist.is_main:
-            print(f"final validation loss {log['final_val_loss']:.4f} (nats/char); checkpoint in {args.out}")
+            unit = "byte" if cfg.tokenizer == "byte" else "char"
+            print(f"final validation loss {log['final_val_loss']:.4f} (nats/{unit}); checkpoint in {args.out}")
     return 0
 
 
