@@ -72,7 +72,7 @@ def test_sub_chunk_size(inputs):
         two_level_chunk_gla(**inputs, sub_chunk_size=12)
     with pytest.raises(ValueError, match=r"sub_chunk_size must be <= chunk_size = 16, got 32"):
         two_level_chunk_gla(**inputs, chunk_size=16, sub_chunk_size=32)
-    with pytest.raises(ValueError, match=r"diagonal must be 'log_space' or 'split', got 'fast'"):
+    with pytest.raises(ValueError, match=r"diagonal must be 'log_space', 'split' or 'guarded', got 'fast'"):
         two_level_chunk_gla(**inputs, diagonal="fast")
 
 

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from glalearn import chunk_gla, parallel_gla, recurrent_gla, two_level_chunk_gla
+from glalearn.forms.chunk import log_space_scores, to_chunks
+from glalearn.forms.two_level import GUARD_MAGNITUDE, GUARD_SPAN, guarded_scores
 from glalearn.numerics import random_gla_inputs, relative_rmse
 
 FORMS = {
@@ -15,6 +17,7 @@ FORMS = {
     "chunk_16": lambda *a, **kw: chunk_gla(*a, chunk_size=16, **kw),
     "two_level": two_level_chunk_gla,
     "two_level_split": lambda *a, **kw: two_level_chunk_gla(*a, diagonal="split", **kw),
+    "two_level_guarded": lambda *a, **kw: two_level_chunk_gla(*a, diagonal="guarded", **kw),
     "two_level_32_8": lambda *a, **kw: two_level_chunk_gla(*a, chunk_size=32, sub_chunk_size=8, **kw),
 }
 SIZES_T = [1, 63, 65, 200]
@@ -69,7 +72,8 @@ def test_mixed_extreme_gates_per_channel(form):
     assert relative_rmse(o, o_ref) <= 1e-5 and relative_rmse(s, s_ref) <= 1e-5
 
 
-GRAD_FORMS = ["chunk", "chunk_16", "two_level", "two_level_split", "parallel_log_space", "recurrent"]
+GRAD_FORMS = ["chunk", "chunk_16", "two_level", "two_level_split", "two_level_guarded", "parallel_log_space",
+              "recurrent"]
 
 
 @pytest.mark.parametrize("form", GRAD_FORMS)
@@ -119,7 +123,7 @@ def test_two_level_bfloat16_matmuls_within_5e_3():
     for norm in NORMALIZERS:
         inputs = random_gla_inputs(B=2, T=200, H=2, K=64, V=64, gate_normalizer=norm, initial_state=True)
         o_ref, s_ref = reference(inputs)
-        for diagonal in ("log_space", "split"):
+        for diagonal in ("log_space", "split", "guarded"):
             o, s = two_level_chunk_gla(**inputs, output_final_state=True, matmul_dtype=torch.bfloat16,
                                        diagonal=diagonal)
             assert relative_rmse(o, o_ref) <= 5e-3
@@ -128,7 +132,7 @@ def test_two_level_bfloat16_matmuls_within_5e_3():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("form", ["recurrent", "chunk", "two_level"])
+@pytest.mark.parametrize("form", ["recurrent", "chunk", "two_level", "two_level_guarded"])
 def test_half_inputs_accumulate_in_float32(form, dtype):
     inputs = random_gla_inputs(B=1, T=65, H=2, K=16, V=16, gate_normalizer=1.0, dtype=dtype)
     o_ref, _ = reference(inputs)
@@ -213,3 +217,109 @@ def test_chunk_gate_gradient_when_the_loss_reads_the_final_state(norm, with_outp
     for chunk_size in (16, 64):
         got = dg(lambda chunk_size=chunk_size, **kw: chunk_gla(**kw, chunk_size=chunk_size), torch.float32)
         assert relative_rmse(got, ref) <= 1e-5
+
+
+# ----------------------------------------------------------------------------- the guarded single product
+def gates_with_spans(spans, C=64, H=2, K=16, seed=0, mild_channels=False):
+    """g [1, len(spans)·C, H, K] whose chunk n has decay span spans[n] (max over channels of G_first - G_last).
+
+    Random positive shapes per channel; the steepest channel of each chunk and head is scaled to the span.
+    With ``mild_channels`` every other channel barely decays, so one chunk holds extreme and mild channels.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    N = len(spans)
+    w = torch.rand(1, N, C, H, K, generator=gen, dtype=torch.float64) + 0.05
+    if mild_channels:
+        w[..., ::2] *= 1e-4
+    tail = w[:, :, 1:]  # the first gate of a chunk is not inside its span: leave it random in [-5, 0]
+    target = torch.tensor(spans, dtype=torch.float64).view(1, N, 1, 1, 1)
+    tail *= target / tail.sum(2, keepdim=True).amax(-1, keepdim=True)
+    w[:, :, 0] *= 5
+    return (-w).reshape(1, N * C, H, K).float()
+
+
+def guarded_inputs(spans, seed=0, K=16, V=24, scale_qk=1.0, **kw):
+    inputs = random_gla_inputs(B=1, T=64 * len(spans), H=2, K=K, V=V, initial_state=True, seed=seed)
+    inputs["g"] = gates_with_spans(spans, H=2, K=K, seed=seed, **kw)
+    inputs["q"] = inputs["q"] / scale_qk
+    inputs["k"] = inputs["k"] * scale_qk
+    return inputs
+
+
+def chunked(inputs, C=64):
+    return [to_chunks(inputs[n], C) for n in ("q", "k", "g")]
+
+
+@pytest.mark.parametrize("mild_channels", [False, True])
+def test_guarded_takes_the_product_under_the_bound_and_falls_back_over_it(mild_channels):
+    spans = [0.5, 30.0, 63.0, 65.0, 120.0, 300.0, 10.0, 1000.0]
+    inputs = guarded_inputs(spans, mild_channels=mild_channels)
+    q, k, g = chunked(inputs)
+    P, fast = guarded_scores(q, k, g)
+    expect = torch.tensor([s <= GUARD_SPAN[torch.float32] for s in spans])
+    assert torch.equal(fast, expect.expand(1, 2, -1))  # per chunk, in both heads
+    ref = log_space_scores(q.double(), k.double(), g.double().cumsum(-2))
+    assert relative_rmse(P[fast], ref[fast]) <= 1e-6 and relative_rmse(P[~fast], ref[~fast]) <= 1e-6
+    o_ref, s_ref = reference(inputs)
+    o, s = two_level_chunk_gla(**inputs, diagonal="guarded", output_final_state=True)
+    assert relative_rmse(o, o_ref) <= 1e-5 and relative_rmse(s, s_ref) <= 1e-5
+
+
+def test_guarded_gradients_with_chunks_on_both_paths():
+    inputs = guarded_inputs([5.0, 200.0, 60.0, 70.0], K=24, V=16, mild_channels=True, seed=3)
+    names = list(inputs)
+    x64 = {n: t.double().requires_grad_() for n, t in inputs.items()}
+    o, s = recurrent_gla(**x64, output_final_state=True)
+    do, ds = torch.randn_like(o), torch.randn_like(s)
+    ref = torch.autograd.grad((o * do).sum() + (s * ds).sum(), [x64[n] for n in names])
+    x32 = {n: t.detach().clone().requires_grad_() for n, t in inputs.items()}
+    o, s = two_level_chunk_gla(**x32, diagonal="guarded", output_final_state=True)
+    got = torch.autograd.grad((o * do.float()).sum() + (s * ds.float()).sum(), [x32[n] for n in names])
+    for name, a, b in zip(names, got, ref):
+        assert torch.isfinite(a).all() and relative_rmse(a, b) <= 1e-5, f"d{name}: {relative_rmse(a, b):.2e}"
+
+
+def test_forcing_the_product_past_the_bound_breaks_it(monkeypatch):
+    """Without the guard a chunk decaying by e^300 gives inf/NaN (factors e^±150); the guarded form is exact."""
+    inputs = guarded_inputs([300.0, 2.0])
+    q, k, g = chunked(inputs)
+    ref = log_space_scores(q.double(), k.double(), g.double().cumsum(-2))
+    P, fast = guarded_scores(q, k, g)
+    assert fast[0].tolist() == [[False, True]] * 2 and relative_rmse(P, ref) <= 1e-6
+    monkeypatch.setitem(GUARD_SPAN, torch.float32, float("inf"))
+    P_forced, fast_forced = guarded_scores(q, k, g)
+    assert fast_forced.all()
+    assert not torch.isfinite(P_forced[..., 0, :, :]).all()  # the over-bound chunk
+    assert relative_rmse(P_forced[..., 1, :, :], ref[..., 1, :, :]) <= 1e-6  # the other chunk is unaffected
+
+
+def test_guard_on_the_size_of_q_and_k(monkeypatch):
+    """|k| = 1e30 with |q| = 1e-30 is legal (q·k ~ 1) but k·e^30 overflows float32: that chunk falls back."""
+    inputs = guarded_inputs([60.0, 60.0], scale_qk=1e30)
+    inputs["k"][:, 64:] /= 1e30  # the second chunk has ordinary keys (and tiny queries)
+    q, k, g = chunked(inputs)
+    _, fast = guarded_scores(q, k, g)
+    assert fast[0].tolist() == [[False, True]] * 2
+    o_ref, s_ref = reference(inputs)
+    o, s = two_level_chunk_gla(**inputs, diagonal="guarded", output_final_state=True)
+    assert relative_rmse(o, o_ref) <= 1e-5 and relative_rmse(s, s_ref) <= 1e-5
+    monkeypatch.setitem(GUARD_MAGNITUDE, torch.float32, float("inf"))
+    o, _ = two_level_chunk_gla(**inputs, diagonal="guarded")
+    assert not torch.isfinite(o).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_guarded_half_precision_products(dtype, monkeypatch):
+    """float16 has e^11 of range: its bound is 8 nats; bfloat16 keeps float32's exponent range."""
+    spans = [4.0, 12.0, 50.0, 100.0]
+    inputs = guarded_inputs(spans, K=64, V=64, seed=5)
+    q, k, g = chunked(inputs)
+    _, fast = guarded_scores(q, k, g, matmul_dtype=dtype)
+    assert fast[0].tolist() == [[s <= GUARD_SPAN[dtype] for s in spans]] * 2
+    o_ref, s_ref = reference(inputs)
+    o, s = two_level_chunk_gla(**inputs, diagonal="guarded", matmul_dtype=dtype, output_final_state=True)
+    assert 1e-5 < relative_rmse(o, o_ref) <= 5e-3 and relative_rmse(s, s_ref) <= 5e-3
+    if dtype == torch.float16:  # forced past its bound, the 50-nat chunk (factors e^±25 · |k|) overflows
+        monkeypatch.setitem(GUARD_SPAN, dtype, float("inf"))
+        P, _ = guarded_scores(q, k, g, matmul_dtype=dtype)
+        assert not torch.isfinite(P[..., 2, :, :]).all()

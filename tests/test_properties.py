@@ -21,7 +21,7 @@ powers = st.sampled_from([1, 2, 4, 8, 16, 32, 64])
 
 
 @settings(max_examples=60, deadline=None)
-@given(shape=shapes, chunk=powers, sub=powers, diagonal=st.sampled_from(["log_space", "split"]))
+@given(shape=shapes, chunk=powers, sub=powers, diagonal=st.sampled_from(["log_space", "split", "guarded"]))
 def test_all_forms_agree(shape, chunk, sub, diagonal):
     inputs = random_gla_inputs(**shape)
     o_ref, s_ref = recurrent_gla(**inputs, output_final_state=True)

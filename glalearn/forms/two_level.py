@@ -11,6 +11,10 @@ rounded to half precision and multiplied on tensor cores. Only the diagonal sub-
 pairs on both sides of every reference point; they stay in float32 log space, L x L x K per sub-chunk
 (or are split again, recursively). The chunk states and the inter-chunk products are matmuls too.
 
+Where a chunk's whole decay is modest, even sub-chunks are unnecessary: ``diagonal="guarded"`` makes the
+chunk ONE product against the midpoint of its decay, guarded by a bound on the decay span (chapter 4,
+:func:`guarded_scores`), and falls back to the sub-chunks for the chunks past it.
+
 Every exponent is built from small pieces: decays *inside* a sub-chunk (at most L gates summed, in
 float32) and decays *between* sub-chunks (a few numbers per sub-chunk, in float64). So no large
 cumulative sum is ever subtracted from another, and strong gates lose no precision.
@@ -21,9 +25,23 @@ from __future__ import annotations
 import torch
 
 from glalearn.forms._contract import check_power_of_two, empty_result, validate
-from glalearn.forms.chunk import from_chunks, log_space_scores, matmul, pass_states, to_chunks
+from glalearn.forms.chunk import (
+    chunk_local_cumsum,
+    from_chunks,
+    log_space_scores,
+    matmul,
+    pass_states,
+    to_chunks,
+)
 
-DIAGONAL_METHODS = ("log_space", "split")
+DIAGONAL_METHODS = ("log_space", "split", "guarded")
+
+
+def check_diagonal(diagonal) -> str:
+    """``diagonal`` must name one of :data:`DIAGONAL_METHODS`."""
+    if diagonal not in DIAGONAL_METHODS:
+        raise ValueError(f"diagonal must be 'log_space', 'split' or 'guarded', got {diagonal!r}")
+    return diagonal
 
 
 def sub_chunk_decays(g_chunks: torch.Tensor, sub_chunk_size: int) -> dict:
@@ -100,12 +118,15 @@ def sub_chunk_scores(
         matmul_dtype: dtype of the off-diagonal operands (None: q's dtype).
         diagonal: how the diagonal sub-chunks are computed, both in float32 and exact:
             "log_space" — one exp per (i, j, k) triple, L x L x K per sub-chunk (the paper, the kernel);
-            "split" — the sub-chunk trick again, halving down to single tokens (all products).
+            "split" — the sub-chunk trick again, halving down to single tokens (all products);
+            "guarded" — the whole chunk as one product where its decay span allows, else "split"
+            (see :func:`guarded_scores`).
     Returns:
         P [..., C, C] with P[i, j] = Σ_k q_ik k_jk exp(G_i - G_j) for j <= i, else 0; in q's dtype.
     """
-    if diagonal not in DIAGONAL_METHODS:
-        raise ValueError(f"diagonal must be 'log_space' or 'split', got {diagonal!r}")
+    check_diagonal(diagonal)
+    if diagonal == "guarded":
+        return guarded_scores(q, k, g, sub_chunk_size, matmul_dtype)[0]
     *lead, C, K = q.shape
     S = C // sub_chunk_size
     qs, ks = (x.reshape(*lead, S, sub_chunk_size, K) for x in (q, k))
@@ -143,6 +164,101 @@ def split_scores(q: torch.Tensor, k: torch.Tensor, G: torch.Tensor) -> torch.Ten
     return P
 
 
+# ----------------------------------------------------------------------------- the guarded single product
+# One product per chunk, A = (Q ⊙ exp(G - c)) (K ⊙ exp(c - G))^T, is exact wherever its factors stay well
+# inside the operand dtype's range. c is the midpoint of the chunk's decay, so every exponent is within
+# ±s/2, s = the chunk's decay span. The bounds per operand dtype (derived in guarded_scores):
+GUARD_SPAN = {torch.float16: 8.0, torch.bfloat16: 64.0, torch.float32: 64.0, torch.float64: 64.0}
+GUARD_MAGNITUDE = {torch.float16: 2.0**10, torch.bfloat16: 2.0**60, torch.float32: 2.0**60, torch.float64: 2.0**60}
+
+
+def chunk_guard(q: torch.Tensor, k: torch.Tensor, G: torch.Tensor, matmul_dtype: torch.dtype | None = None) -> dict:
+    """Which chunks may take the single product, and its reference point (chapter 4).
+
+    Args:
+        q, k: [..., C, K];  G: [..., C, K] cumulative log decay inside each chunk (float64 preferred).
+        matmul_dtype: the dtype the product's operands are rounded to (None: q's dtype).
+    Returns a dict:
+        "span" [...]: s = max over channels of G_first - G_last, the decay across the chunk (>= 0);
+        "mid" [..., 1, K]: c = (G_first + G_last) / 2, so that |G_i - c| <= s / 2 for every row i;
+        "fast" [...] bool: s <= GUARD_SPAN[dtype] and max |q|, |k| <= GUARD_MAGNITUDE[dtype].
+    """
+    dtype = matmul_dtype or q.dtype
+    first, last = G[..., :1, :], G[..., -1:, :]
+    span = (first - last).squeeze(-2).amax(-1)
+    size = torch.maximum(q.abs().amax((-2, -1)), k.abs().amax((-2, -1)))
+    fast = (span <= GUARD_SPAN[dtype]) & (size <= GUARD_MAGNITUDE[dtype])
+    return {"span": span, "mid": (first + last) / 2, "fast": fast}
+
+
+def _guarded_product(q, k, g, G, sub_chunk_size, matmul_dtype):
+    """The factors, the guard and P [..., C, C] of the guarded single product; see guarded_scores."""
+    *lead, C, _ = q.shape
+    guard = chunk_guard(q, k, G, matmul_dtype)
+    fast = guard["fast"]
+    all_fast = bool(fast.all())
+    exponent = G - guard["mid"]  # float64, |G_i - c| <= s/2
+    if not all_fast:  # chunks over the bound: factor 1, so their (discarded) product stays finite
+        exponent = exponent.masked_fill(~fast[..., None, None], 0.0)
+    factor = exponent.exp().to(q.dtype)  # one rounding, whatever the span
+    q_tilde, k_tilde = q * factor, k / factor
+    A = matmul(q_tilde, k_tilde.transpose(-1, -2), matmul_dtype)
+    # Above the diagonal the factors do not cancel: exp(G_i - G_j) >= 1 may be huge (even inf/NaN in the
+    # product); torch.where drops those entries before anything touches them (masked_fill would too, but
+    # multiplying by a 0/1 mask would turn 0 * inf into NaN).
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    P = torch.where(causal, A, A.new_zeros(()))
+    if not all_fast:  # the chunks over the bound: the exact two-level path, only for them
+        slow = (~fast).flatten().nonzero().squeeze(-1)
+        flat = (x.reshape(-1, *x.shape[-2:]) for x in (q, k, g))
+        q_s, k_s, g_s = (x[slow] for x in flat)
+        P_slow = sub_chunk_scores(q_s, k_s, g_s, sub_chunk_size, matmul_dtype, "split")
+        P = P.reshape(-1, C, C).index_put((slow,), P_slow).reshape(*lead, C, C)
+    return {"q_tilde": q_tilde, "k_tilde": k_tilde, "P": P, **guard}
+
+
+def guarded_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    g: torch.Tensor,
+    sub_chunk_size: int = 16,
+    matmul_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The intra-chunk scores as ONE product per chunk where that is safe, else two-level (chapter 4).
+
+    For a chunk with cumulative log decay G (per channel) and any reference c (one number per channel):
+
+        P[i, j] = Σ_k (q_ik exp(G_ik - c_k)) · (k_jk exp(c_k - G_jk))          for j <= i
+
+    Each term equals q_ik k_jk exp(G_ik - G_jk) up to rounding *relative to that term*: no cancellation.
+    The only danger is the range of the factors. With c = the midpoint (G_first + G_last) / 2, every
+    exponent is within ±s/2, s = max_k (G_first,k - G_last,k) the chunk's decay span. The guard:
+
+    * float32 and bfloat16 (largest finite ≈ e^88.7, smallest normal ≈ e^-87.3): s <= 64, so factors
+      lie in [e^-32, e^32]; with |q|, |k| <= 2^60 ≈ e^41.6 every operand stays finite, and any q, k
+      above 1e-24 stay normal numbers after the factor. float64 uses the same bound.
+    * float16 operands (largest 65504 ≈ e^11.1, smallest normal ≈ e^-9.7): s <= 8, factors in
+      [e^-4, e^4] ≈ [0.018, 55]; with |q|, |k| <= 2^10 the operands stay below 65504, and |q| >= 3e-3
+      stays normal.
+
+    Each factor exp(G - c) is computed in float64 and rounded once, so its relative error is one
+    rounding however large s is. Entries above the diagonal (j > i) carry exp(G_i - G_j) >= 1, up to e^s,
+    and are dropped with ``torch.where``. Chunks over the bound (strong gates, or huge q, k) fall back
+    to :func:`sub_chunk_scores` with ``diagonal="split"``, recomputed for those chunks only.
+
+    Args:
+        q, k: [..., C, K];  g: [..., C, K] the log gates of each chunk.
+        sub_chunk_size: L of the fallback, dividing C.
+        matmul_dtype: dtype of the product's operands (None: q's dtype).
+    Returns:
+        (P [..., C, C] with P[i, j] = Σ_k q_ik k_jk exp(G_i - G_j) for j <= i, else 0, in q's dtype;
+         fast [...] bool: True where the chunk took the single product, False where it fell back).
+    """
+    G = g.cumsum(-2, dtype=torch.float64)
+    out = _guarded_product(q, k, g, G, sub_chunk_size, matmul_dtype)
+    return out["P"], out["fast"]
+
+
 def two_level_chunk_gla(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -165,8 +281,12 @@ def two_level_chunk_gla(
         chunk_size: C, a power of two;  sub_chunk_size: L, a power of two <= C.
         matmul_dtype: dtype every matrix product's operands are rounded to (e.g. torch.bfloat16, as on
             tensor cores); accumulation, states and the diagonal sub-chunks stay float32.
-        diagonal: "log_space" (default; as the paper and the Triton kernel) or "split" (recursive
-            halving, all products; faster on a CPU). Both are exact.
+        diagonal: "log_space" (default; as the paper and the Triton kernel), "split" (recursive
+            halving, all products; faster on a CPU) or "guarded" (the fastest on a CPU: each chunk whose
+            decay span s is within GUARD_SPAN — 64 nats, 8 for float16 products — is ONE product
+            (Q ⊙ exp(G - c))(K ⊙ exp(c - G))^T against the midpoint c of its decay, the chunk states
+            and read-out reusing the same operands; chunks over the bound fall back to "split"; see
+            :func:`guarded_scores`). All three are exact.
     Returns:
         o [B, T, H, V] in q's dtype, and S_T [B, H, K, V] (float32, float64 for float64 inputs) or None.
 
@@ -179,13 +299,16 @@ def two_level_chunk_gla(
         raise ValueError(f"sub_chunk_size must be <= chunk_size = {chunk_size}, got {sub_chunk_size}")
     if matmul_dtype is not None and matmul_dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise TypeError(f"matmul_dtype must be None or a floating dtype, got {matmul_dtype!r}")
-    if diagonal not in DIAGONAL_METHODS:
-        raise ValueError(f"diagonal must be 'log_space' or 'split', got {diagonal!r}")
+    check_diagonal(diagonal)
     if info.T == 0:
         return empty_result(q, v, initial_state, output_final_state, info)
     dt = info.compute_dtype
     C, L = chunk_size, sub_chunk_size
     qc, kc, vc, gc = (to_chunks(x.to(dt), C) for x in (q, k, v, g))
+    S0 = None if initial_state is None else initial_state.to(dt)
+    if diagonal == "guarded":
+        o, final = _guarded_chunks(qc, kc, vc, gc, S0, L, matmul_dtype)
+        return from_chunks(info.scale * o, info.T).to(info.out_dtype), (final if output_final_state else None)
     *lead, _, K = qc.shape
     S = C // L
     decays = sub_chunk_decays(gc, L)
@@ -193,7 +316,6 @@ def two_level_chunk_gla(
     # Chunk states: S_{n+1} = exp(γ) S_n + (K ⊙ Γ)^T V with Γ_j = exp(G_e(s) - G_j) · exp(γ - G_e(s)).
     k_decayed = ks * decays["to_last"].exp() * decays["to_chunk_end"].to(dt).exp().unsqueeze(-2)
     updates = matmul(k_decayed.reshape(*lead, C, K).transpose(-1, -2), vc, matmul_dtype)
-    S0 = None if initial_state is None else initial_state.to(dt)
     states, final = pass_states(updates, decays["gamma"].to(dt).exp(), S0)
     # Inter-chunk output: (Q ⊙ Λ) S_n with Λ_i = exp(G_i) = exp(G before the sub-chunk + g_first) · exp(from_first).
     ref = decays["from_chunk_start"] + gc.reshape(*lead, S, L, K)[..., 0, :].double()
@@ -202,3 +324,26 @@ def two_level_chunk_gla(
     P = _scores(qs, ks, decays, matmul_dtype, diagonal).reshape(*lead, C, C)
     o = info.scale * (o_inter + matmul(P, vc, matmul_dtype))
     return from_chunks(o, info.T).to(info.out_dtype), (final if output_final_state else None)
+
+
+def _guarded_chunks(qc, kc, vc, gc, S0, sub_chunk_size, matmul_dtype):
+    """Unscaled chunk outputs [B, H, N, C, V] and S_T of two_level_chunk_gla(diagonal="guarded")."""
+    dt = qc.dtype
+    G = chunk_local_cumsum(gc)  # float64
+    parts = _guarded_product(qc, kc, gc, G, sub_chunk_size, matmul_dtype)
+    gamma, mid = G[..., -1:, :], parts["mid"]
+    # The inter-chunk factors from the same operands: exp(G_i) = exp(G_i - c) exp(c) and
+    # exp(γ - G_j) = exp(c - G_j) exp(γ - c), with exp(c) <= 1 and exp(γ - c) = exp(-s_k / 2) <= 1.
+    q_decayed = parts["q_tilde"] * mid.exp().to(dt)
+    k_decayed = parts["k_tilde"] * (gamma - mid).exp().to(dt)
+    if not bool(parts["fast"].all()):  # chunks over the bound: their factors directly, as in chapter 3
+        slow = (~parts["fast"]).flatten().nonzero().squeeze(-1)
+        C, K = qc.shape[-2:]
+        q_s, k_s, G_s, gamma_s = (x.reshape(-1, *x.shape[-2:])[slow] for x in (qc, kc, G, gamma))
+        q_decayed = q_decayed.reshape(-1, C, K).index_put((slow,), q_s * G_s.exp().to(dt)).reshape(qc.shape)
+        k_decayed = k_decayed.reshape(-1, C, K).index_put((slow,), k_s * (gamma_s - G_s).exp().to(dt))
+        k_decayed = k_decayed.reshape(kc.shape)
+    updates = matmul(k_decayed.transpose(-1, -2), vc, matmul_dtype)
+    states, final = pass_states(updates, gamma.squeeze(-2).exp().to(dt), S0)
+    o = matmul(q_decayed, states, matmul_dtype) + matmul(parts["P"], vc, matmul_dtype)
+    return o, final
