@@ -320,7 +320,7 @@ def load_corpus(path: str | Path, tokenizer: str = "char", cache_dir: str | Path
     else:  # first pass: the alphabet (and every check)
         alphabet: set[str] = set()
         decoder = None
-        for f, offset, block in _blocks(files_):
+        for _, offset, block in _blocks(files_):
             if offset == 0:
                 decoder = codecs.getincrementaldecoder("utf-8")()
             alphabet.update(decoder.decode(block))
@@ -329,18 +329,21 @@ def load_corpus(path: str | Path, tokenizer: str = "char", cache_dir: str | Path
     tok_path = cache_dir / f"corpus-{key}.{dtype.name}"
     tmp = tok_path.with_name(f"{tok_path.name}.{os.getpid()}.tmp")
     count = 0
-    with open(tmp, "wb") as out:
-        decoder = None
-        for f, offset, block in _blocks(files_):
-            if tokenizer == "byte":
-                ids = np.frombuffer(block, dtype=np.uint8)
-            else:
-                if offset == 0:
-                    decoder = codecs.getincrementaldecoder("utf-8")()
-                ids = tok.encode_array(decoder.decode(block))
-            out.write(ids.astype(dtype, copy=False).tobytes())
-            count += len(ids)
-    os.replace(tmp, tok_path)
+    try:
+        with open(tmp, "wb") as out:
+            decoder = None
+            for _, offset, block in _blocks(files_):
+                if tokenizer == "byte":
+                    ids = np.frombuffer(block, dtype=np.uint8)
+                else:
+                    if offset == 0:
+                        decoder = codecs.getincrementaldecoder("utf-8")()
+                    ids = tok.encode_array(decoder.decode(block))
+                out.write(ids.astype(dtype, copy=False).tobytes())
+                count += len(ids)
+        os.replace(tmp, tok_path)
+    finally:
+        tmp.unlink(missing_ok=True)
     meta = {"tokens_file": tok_path.name, "tokens": count, "dtype": dtype.name, "tokenizer": tok.to_dict(),
             "files": [str(f) for f in files_], "separator": FILE_SEPARATOR}
     tmp_meta = meta_path.with_name(f"{meta_path.name}.{os.getpid()}.tmp")

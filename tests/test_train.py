@@ -154,3 +154,99 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
     a, b = load_checkpoint(tmp_path / "two"), load_checkpoint(tmp_path / "one")  # written by rank 0, loads in one
     for (name, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
         assert (p - q).abs().max() < 1e-5, name
+
+
+# ----------------------------------------------------------------------------- issue 9: your own corpus, FSDP2
+def _corpus_text(seed: int, n_words: int = 1500) -> str:
+    import random
+
+    rng = random.Random(seed)
+    words = ["der", "Bär", "café", "naïve", "東京", "λόγος", "tree", "river", "🙂", "and", "the", "\n"]
+    return " ".join(rng.choice(words) for _ in range(n_words))
+
+
+@pytest.mark.parametrize(("source", "kind"), [("one.txt", "char"), ("many", "byte")])
+def test_train_on_own_corpus_file_and_folder(tmp_path, monkeypatch, source, kind):
+    """--data on a file and on a folder: memmapped tokens, the vocabulary of the tokenizer, restorable.
+    (tests/test_data.py tokenizes files and folders with both tokenizers.)"""
+    import glalearn.train as train_mod
+    from glalearn.data import ByteTokenizer, CharTokenizer, sample_batch
+
+    seen = []
+
+    def spy(ids, *args, **kwargs):
+        seen.append(type(ids))
+        return sample_batch(ids, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "sample_batch", spy)
+    text = _corpus_text(7)
+    (tmp_path / "one.txt").write_text(text, encoding="utf-8")
+    (tmp_path / "many" / "sub").mkdir(parents=True)
+    (tmp_path / "many" / "b.txt").write_text(text[:3000], encoding="utf-8")
+    (tmp_path / "many" / "sub" / "a.txt").write_text(text[3000:], encoding="utf-8")
+    out = tmp_path / "run"
+    log = train(_cfg(steps=2, data=str(tmp_path / source), tokenizer=kind), out, progress=False)
+    assert seen and all(t is np.memmap for t in seen)  # training and validation windows come from the memmap
+    vocab = 256 if kind == "byte" else len(set(text))
+    assert log["data"]["vocab_size"] == vocab and log["train_config"]["model"]["vocab_size"] == vocab
+    assert log["data"]["files"] == (1 if source == "one.txt" else 2)
+    assert log["data"]["tokens"] == (len(text) if kind == "char" else len(text.encode()) + 2)  # + the separator
+    assert (out / "data_cache" / log["data"]["cache"]).is_file()
+    model = load_checkpoint(out)  # the tokenizer comes back from config.json
+    assert isinstance(model.tokenizer, ByteTokenizer if kind == "byte" else CharTokenizer)
+    assert model.config.vocab_size == vocab
+    prompt = torch.tensor([model.tokenizer.encode("der Bär ")])
+    sample = model.tokenizer.decode(model.generate(prompt, 12, seed=3)[0])
+    assert sample.startswith("der Bär ")
+
+
+def test_own_corpus_errors_name_the_argument(tmp_path):
+    (tmp_path / "short.txt").write_text("too short for a window of 32 " * 5, encoding="utf-8")
+    with pytest.raises(ValueError, match=r"--data: the corpus .*short.txt is 145 tokens .*too short for one context "
+                                         r"window: its validation split \(the last 10%\) holds 15 tokens, fewer "
+                                         r"than --context \+ 1 = 33"):
+        train(_cfg(data=str(tmp_path / "short.txt")), tmp_path / "run", progress=False)
+    with pytest.raises(FileNotFoundError, match="--data: .*missing.txt does not exist"):
+        train(_cfg(data=str(tmp_path / "missing.txt")), tmp_path / "run", progress=False)
+    with pytest.raises(ValueError, match=r"--tokenizer must be one of \('char', 'byte'\), got 'word'"):
+        train(_cfg(tokenizer="word"), tmp_path / "run", progress=False)
+    (tmp_path / "a.txt").write_text(_corpus_text(1), encoding="utf-8")
+    train(_cfg(steps=2, data=str(tmp_path / "a.txt")), tmp_path / "a", progress=False)
+    with pytest.raises(ValueError, match="--resume: the checkpoint .* different tokenizer"):
+        train(_cfg(steps=4, data=str(tmp_path / "a.txt"), tokenizer="byte"), tmp_path / "a", resume=True,
+              progress=False)
+
+
+def test_torchrun_fsdp2_matches_one_process_and_checkpoints_round_trip(tmp_path):
+    """FSDP2 (fully_shard per block) with gloo on CPU: 2 ranks resume a 1-process checkpoint, accumulate 2
+    micro-batches each, and write a checkpoint that one process loads and resumes: every loss and weight
+    equals an uninterrupted single-process run with the same effective batch."""
+    import os
+    import subprocess
+    import sys
+
+    common = {"steps": 4, "batch_size": 8, "context": 32, "eval_interval": 4, "warmup_steps": 50,
+              "checkpoint_interval": 250}
+    straight = train(preset("tiny-cpu", **{**common, "steps": 5}), tmp_path / "straight", progress=False)
+    train(preset("tiny-cpu", **{**common, "steps": 2}), tmp_path / "run", progress=False)  # 1 process: steps 0-1
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
+                           "glalearn.train", "--preset", "tiny-cpu", "--out", str(tmp_path / "run"), "--steps", "4",
+                           "--batch-size", "8", "--accum-steps", "2", "--context", "32", "--eval-interval", "4",
+                           "--fsdp", "--resume", "--no-progress"], check=False, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = json.loads((tmp_path / "run" / "train_log.json").read_text())
+    assert log["parallel"] == "fsdp2" and log["world_size"] == 2 and log["resumed_at"] == [2]
+    files = {p.name for p in (tmp_path / "run").iterdir()}
+    assert {"model.safetensors", "config.json", "train_state.safetensors"} <= files
+    assert not any(name.endswith((".pt", ".pth", ".bin", ".distcp")) for name in files)
+    # the FSDP-written checkpoint is the full model and loads in one process
+    fsdp_model = load_checkpoint(tmp_path / "run")
+    assert fsdp_model.num_parameters() == straight["parameters"]
+    resumed = train(preset("tiny-cpu", **{**common, "steps": 5}), tmp_path / "run", resume=True, progress=False)
+    assert resumed["resumed_at"] == [2, 4] and resumed["parallel"] == "none"
+    assert [r["loss"] for r in resumed["steps"]] == pytest.approx([r["loss"] for r in straight["steps"]], abs=1e-5)
+    a, b = load_checkpoint(tmp_path / "straight"), load_checkpoint(tmp_path / "run")
+    for (name, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert (p - q).abs().max() < 1e-5, name
