@@ -20,6 +20,7 @@ import torch
 from glalearn import chunk_gla, parallel_gla, recurrent_gla, two_level_chunk_gla
 from glalearn.numerics import random_gla_inputs
 
+
 def direct_chunk_prototype(q, k, v, g, chunk_size: int = 64):
     """The unstable baseline exactness is measured against: intra-chunk (Q⊙Λ)(K/Λ)^T as one product.
 
@@ -43,6 +44,7 @@ CPU_FORMS = {
     "chunk (C=64)": chunk_gla,
     "two_level (C=64, L=16)": two_level_chunk_gla,
     "two_level split diag": lambda **kw: two_level_chunk_gla(**kw, diagonal="split"),
+    "two_level guarded": lambda **kw: two_level_chunk_gla(**kw, diagonal="guarded"),
     "direct matmul (unstable)": direct_chunk_prototype,
 }
 

@@ -9,6 +9,7 @@ def test_bench_forms_small_table():
     rows = bench_forms(lengths=(64,), H=1, K=16, V=16, repeats=1)
     forms = {r["form"] for r in rows}
     assert "recurrent" in forms and "chunk (C=64)" in forms and "two_level split diag" in forms
+    assert "two_level guarded" in forms
     assert all(r["forward_s"] > 0 and r["forward_backward_s"] > 0 for r in rows)
     base = next(r for r in rows if r["form"] == "recurrent")
     assert base["forward_speedup"] == 1.0

@@ -18,7 +18,7 @@ from glalearn.forms.chunk import (
     reverse_cumsum,
     to_chunks,
 )
-from glalearn.forms.two_level import split_scores, sub_chunk_scores
+from glalearn.forms.two_level import GUARD_SPAN, guarded_scores, split_scores, sub_chunk_scores
 from glalearn.gates import decay_mask
 from glalearn.numerics import random_gla_inputs, relative_rmse
 
@@ -237,6 +237,53 @@ def test_ch4_split_and_cost_claims():
     two = {L: costs.two_level_cost(4096, 64, 64, 64, L) for L in (1, 4, 8, 16, 32, 64)}
     assert 2.5 < base.exps / two[16].exps < 3.0 and two[16].matmul_flops / two[16].flops > 0.9
     assert min(two, key=lambda L: two[L].exps) in (4, 8) and two[1].exps > base.exps
+
+
+def guarded_scores_by_hand(q, k, G, bound=64.0):
+    # one product per chunk against the midpoint of its decay, where the decay span s <= bound
+    C = q.shape[-2]
+    mid = (G[..., :1, :] + G[..., -1:, :]) / 2               # c: |G_i - c| <= s/2 on every row
+    span = (G[..., 0, :] - G[..., -1, :]).amax(-1)            # s, one number per chunk
+    fast = span <= bound
+    e = (G - mid).masked_fill(~fast[..., None, None], 0.0)    # over the bound: factor 1, product unused
+    A = (q * e.exp().to(q.dtype)) @ (k * (-e).exp().to(k.dtype)).transpose(-1, -2)
+    A = torch.where(torch.ones(C, C, dtype=torch.bool).tril(), A, 0.0)  # drop j > i: up to e^s, or inf
+    exact = log_space_scores(q, k, G)                          # fallback (the library: split sub-chunks)
+    return torch.where(fast[..., None, None], A, exact), fast
+
+
+def _mixed_gate_chunks(dtype=torch.float32, seed=11):
+    # the chapter's eight chunks: gates from gentle to very strong, spans under and far over the bound
+    gates = torch.cat([random_gla_inputs(B=1, T=64, H=2, K=16, V=16, gate_normalizer=n, seed=seed)["g"]
+                       for n in (16.0, 4.0, 1.0, 1.5, 0.5, 2.0, 0.1, 0.03)], dim=1)
+    z = random_gla_inputs(B=1, T=512, H=2, K=16, V=16, seed=seed + 1)
+    qc, kc, gc = (to_chunks(t.to(dtype), 64) for t in (z["q"], z["k"], gates))
+    return qc, kc, gc, chunk_local_cumsum(gc)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+def test_ch4_guarded_scores_by_hand_is_the_library(dtype, tol):
+    qc, kc, gc, G = _mixed_gate_chunks(dtype)
+    mine, fast = guarded_scores_by_hand(qc, kc, G)
+    lib, lib_fast = guarded_scores(qc, kc, gc)
+    assert torch.equal(fast, lib_fast) and fast.any() and not fast.all()  # both paths are exercised
+    assert torch.equal(sub_chunk_scores(qc, kc, gc, 16, diagonal="guarded"), lib)
+    ref = log_space_scores(qc.double(), kc.double(), G)
+    assert relative_rmse(mine, lib) <= tol and relative_rmse(mine, ref) <= tol and relative_rmse(lib, ref) <= tol
+
+
+def test_ch4_guard_claims():
+    qc, kc, gc, G = _mixed_gate_chunks()
+    span = (G[..., 0, :] - G[..., -1, :]).amax(-1)
+    _, fast = guarded_scores(qc, kc, gc)
+    assert torch.equal(fast, span <= GUARD_SPAN[torch.float32])
+    # |G_i - c| <= s/2 with c the midpoint: every factor of an under-bound chunk lies in [e^-32, e^32]
+    e = G - (G[..., :1, :] + G[..., -1:, :]) / 2
+    assert (e.abs().amax((-2, -1)) <= span / 2 + 1e-9).all()
+    # forced past the bound the single product is NaN for the strongest chunks, and only for those
+    forced, _ = guarded_scores_by_hand(qc, kc, G, bound=float("inf"))
+    broken = ~torch.isfinite(forced).all(-1).all(-1)
+    assert broken.any() and (span[broken] > 300).all()
 
 
 # ----------------------------------------------------------------------------- chapter 5 (inline code)
