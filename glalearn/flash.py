@@ -22,15 +22,23 @@ import torch
 
 from glalearn.forms._contract import check_power_of_two, empty_result, validate
 
-# Launch configuration. bk, bv: channels per block of the chunk-parallel kernels; the sequential
-# state passes use their own (smaller) blocks, to get more programs. sub: the sub-chunk length L.
-# warps: warps per program of the chunk-parallel kernels; state_warps: of the sequential passes.
-# Chapter 7 measures the choices; change them here (the benchmark tries variants through this dict).
-# precision: of the forward's products for 16-bit inputs; bwd_state_precision / bwd_precision: of the
-# backward's sequential passes / chunk-parallel kernels ("tf32x3" = three tf32 products, float32-exact).
-CONFIG = {"sub": 8, "bk": 32, "bv": 128, "dqk_bk": 16, "state_bk": 32, "state_bv": 32, "warps": 8,
-          "state_warps": 4, "stages": 2, "precision": "tf32", "bwd_state_precision": "tf32x3",
-          "bwd_precision": "tf32x3"}
+# Launch configuration (measured on the lent H200, kernels/NOTES.md).
+#   bk, bv: channels per block of the chunk-parallel kernels; dqk_bk: of the dq/dk/dg kernel.
+#   state_bk, state_bv: blocks of the sequential state passes (smaller blocks, more programs).
+#   warps / bwd_warps / state_warps: per program of the forward's chunk-parallel kernels / the
+#   backward's / the sequential passes; stages / state_stages: software-pipelining depth.
+#   sub: the sub-chunk length L of the secondary-level (exact) path.
+#   span_max: the largest decay span (nats) inside a chunk for which the intra-chunk scores are one
+#   guarded product (kernels/common.py says why 40 is safe).
+#   precision / bwd_precision / bwd_state_precision: of the products for 16-bit inputs ("bf16" rounds
+#   operands to bfloat16, "tf32" keeps 10 mantissa bits, "tf32x3" is float32-exact);
+#   bwd_intra_precision: of the intra-chunk score gradients, which cancel in the gate gradient.
+# Float32 inputs always get float32 products. Chapter 7 measures the choices; the benchmark tries
+# variants through this dict (or GLALEARN_FLASH_CONFIG='{"warps": 8}' in the environment).
+CONFIG = {"sub": 16, "bk": 64, "bv": 64, "dqk_bk": 64, "state_bk": 32, "state_bv": 32, "warps": 4,
+          "bwd_warps": 4, "state_warps": 4, "stages": 2, "span_max": 40.0, "precision": "bf16",
+          "bwd_state_precision": "bf16", "bwd_precision": "bf16", "bwd_intra_precision": "tf32",
+          "state_stages": 2}
 CONFIG.update(json.loads(os.environ.get("GLALEARN_FLASH_CONFIG", "{}")))
 # The last compiled kernel of each name (for its register / spill / shared-memory report on a GPU).
 LAST_COMPILED: dict = {}
@@ -72,8 +80,27 @@ def _config(K: int, V: int, dtype: torch.dtype):
     SBV = min(CONFIG["state_bv"], max(16, _next_power_of_two(V)))
     # float32 inputs: exact float32 products. 16-bit inputs: tf32 tensor cores (10-bit mantissa) in
     # the forward, which keeps the rounding under the bf16 output's own.
-    precision = "ieee" if dtype == torch.float32 else CONFIG["precision"]
-    return BK, BV, SBK, SBV, precision
+    return BK, BV, SBK, SBV, _precision(dtype, CONFIG["precision"])
+
+
+def _warps(key: str, *blocks: int) -> int:
+    """CONFIG[key] warps, but 8 where a 32-wide block would run with 4 warps: on Hopper with Triton
+    3.6 those chunk-parallel kernels hit a compiler bug (illegal memory accesses; we saw them with
+    BV = 32 and with dqk_bk = 32 at 4 warps; fla's autotuner excludes the same case, Triton issue 11366)."""
+    n = CONFIG[key]
+    return 8 if n == 4 and 32 in blocks else n
+
+
+def _precision(dtype: torch.dtype, wanted: str) -> str:
+    """float32 inputs: exact float32 products ("ieee"). float16 inputs: never round operands to
+    bfloat16 (fewer mantissa bits than the input), tf32 instead."""
+    if dtype == torch.float32:
+        return "ieee"
+    if dtype == torch.float16 and wanted == "bf16":
+        return "tf32"
+    if wanted == "bf16" and interpreter_active():
+        return "bf16_round"  # the interpreter's own bfloat16 products are wrong (kernels/common.py)
+    return wanted
 
 
 def _chunk_states(k, v, g, initial_state, C, SBK, SBV, precision):
@@ -88,7 +115,7 @@ def _chunk_states(k, v, g, initial_state, C, SBK, SBV, precision):
     LAST_COMPILED["chunk_state_kernel"] = chunk_state.chunk_state_kernel[grid](
         k, v, g, h0, h, T, H=H, K=K, V=V, C=C, BK=SBK, BV=SBV,
         USE_H0=initial_state is not None, PRECISION=precision,
-        num_warps=CONFIG["state_warps"], num_stages=CONFIG["stages"],
+        num_warps=CONFIG["state_warps"], num_stages=CONFIG["state_stages"],
     )
     return h
 
@@ -106,7 +133,8 @@ def flash_forward(q, k, v, g, scale, initial_state, chunk_size, materialize, out
         h = _chunk_states(k, v, g, initial_state, C, SBK, SBV, precision)
         LAST_COMPILED["chunk_output_kernel"] = chunk_output.chunk_output_kernel[(-(-V // BV), N, B * H)](
             q, k, v, g, h, o, scale, T, H=H, K=K, V=V, C=C, L=L, BK=BK, BV=BV,
-            PRECISION=precision, num_warps=CONFIG["warps"], num_stages=CONFIG["stages"],
+            SPAN_MAX=float(CONFIG["span_max"]), PRECISION=precision, num_warps=_warps("warps", BK, BV),
+            num_stages=CONFIG["stages"],
         )
         final = h[:, :, N].contiguous() if output_final_state else None
         return o, final
@@ -114,8 +142,9 @@ def flash_forward(q, k, v, g, scale, initial_state, chunk_size, materialize, out
     LAST_COMPILED["fused_forward_kernel"] = fused_forward.fused_forward_kernel[(-(-V // BV), B * H)](
         q, k, v, g, initial_state if initial_state is not None else o, o, final if final is not None else o,
         scale, T, H=H, K=K, V=V, C=C, L=L, BK=max(16, _next_power_of_two(K)), BV=BV,
-        USE_H0=initial_state is not None, STORE_FINAL=final is not None, PRECISION=precision,
-        num_warps=CONFIG["warps"], num_stages=CONFIG["stages"],
+        USE_H0=initial_state is not None, STORE_FINAL=final is not None,
+        SPAN_MAX=float(CONFIG["span_max"]), PRECISION=precision,
+        num_warps=_warps("warps", max(16, _next_power_of_two(K)), BV), num_stages=CONFIG["stages"],
     )
     return o, final
 
@@ -128,10 +157,9 @@ def flash_backward(q, k, v, g, do, dht, scale, initial_state, chunk_size):
     C, L = chunk_size, min(CONFIG["sub"], chunk_size)
     N = -(-T // C)
     BK, BV, SBK, SBV, _ = _config(K, V, q.dtype)
-    # The gate gradient sums terms that cancel, so the backward may use float32-exact products.
-    exact = q.dtype == torch.float32
-    state_precision = "ieee" if exact else CONFIG["bwd_state_precision"]
-    precision = "ieee" if exact else CONFIG["bwd_precision"]
+    # The gate gradient sums terms that cancel: CONFIG may ask for float32-exact products ("tf32x3").
+    state_precision = _precision(q.dtype, CONFIG["bwd_state_precision"])
+    precision = _precision(q.dtype, CONFIG["bwd_precision"])
     DBK = min(CONFIG["dqk_bk"], max(16, _next_power_of_two(K)))
     h = _chunk_states(k, v, g, initial_state, C, SBK, SBV, state_precision)  # recomputed, not stored
     dh = torch.empty(B, H, N, K, V, dtype=torch.float32, device=q.device)
@@ -140,17 +168,20 @@ def flash_backward(q, k, v, g, do, dht, scale, initial_state, chunk_size):
         q, g, do, dht if dht is not None else dh, dh, dh0 if dh0 is not None else dh,
         scale, T, H=H, K=K, V=V, C=C, BK=SBK, BV=SBV,
         USE_DHT=dht is not None, STORE_DH0=dh0 is not None, PRECISION=state_precision,
-        num_warps=CONFIG["state_warps"], num_stages=CONFIG["stages"],
+        num_warps=CONFIG["state_warps"], num_stages=CONFIG["state_stages"],
     )
     dv = torch.empty_like(v)
     LAST_COMPILED["chunk_dv_kernel"] = backward.chunk_dv_kernel[(-(-V // BV), N, B * H)](
         q, k, g, do, dh, dv, scale, T, H=H, K=K, V=V, C=C, L=L, BK=BK, BV=BV,
-        PRECISION=precision, num_warps=CONFIG["warps"], num_stages=CONFIG["stages"],
+        SPAN_MAX=float(CONFIG["span_max"]), PRECISION=precision, num_warps=_warps("bwd_warps", BK, BV),
+        num_stages=CONFIG["stages"],
     )
     dq, dk, dg = torch.empty_like(q), torch.empty_like(k), torch.empty_like(g)
     LAST_COMPILED["chunk_dqkg_kernel"] = backward.chunk_dqkg_kernel[(-(-K // DBK), N, B * H)](
         q, k, v, g, do, h, dh, dq, dk, dg, scale, T, H=H, K=K, V=V, C=C, L=L, BK=DBK, BV=BV,
-        PRECISION=precision, num_warps=CONFIG["warps"], num_stages=CONFIG["stages"],
+        SPAN_MAX=float(CONFIG["span_max"]), PRECISION=precision,
+        INTRA_PRECISION=_precision(q.dtype, CONFIG["bwd_intra_precision"]),
+        num_warps=_warps("bwd_warps", DBK, BV), num_stages=CONFIG["stages"],
     )
     return dq, dk, dv, dg, dh0
 

@@ -6,10 +6,12 @@ With dS_{n+1} the gradient reaching the state that *leaves* chunk n (dh[n] below
     dV_n  = (K_n ⊙ exp(γ_n - G_n)) dS_{n+1} + scale · P_n^T dO_n
     dQ_n  = scale · exp(G_n) ⊙ (dO_n S_n^T)          + scale · intra(dP_n = dO_n V_n^T)
     dK_n  = exp(γ_n - G_n) ⊙ (V_n dS_{n+1}^T)        + scale · intra(dP_n)
-    dg    = reverse cumulative sum of (q ⊙ dq - k ⊙ dk) inside the chunk + Σ_v S_{n+1} ⊙ dS_{n+1}
-
-The last line is the gate-gradient trick (chapter 5), done per chunk: what all later chunks add up to
-is the sensitivity of the loss to the state leaving the chunk.
+    dg    = the gate-gradient trick (chapter 5), per chunk, grouped by the paths that cross t:
+            reverse cumsum of (q ⊙ dq - k ⊙ dk_intra)  +  exclusive cumsum of k ⊙ dk_carry
+            +  exp(γ_n) ⊙ Σ_v S_n ⊙ dS_{n+1}
+(dk_carry = exp(γ_n - G_n) ⊙ (V_n dS_{n+1}^T), the keys' path into later chunks). Summing
+q ⊙ dq - k ⊙ dk over the whole chunk and adding Σ_v S_{n+1} ⊙ dS_{n+1} is the same in exact
+arithmetic, but subtracts large nearly equal sums under strong decay.
 
 Launches: chunk_state_kernel (recompute h), chunk_state_backward_kernel (dh, dh0),
 chunk_dv_kernel, chunk_dqkg_kernel — the last two parallel over chunks.
@@ -19,13 +21,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from glalearn.kernels.common import (
-    intra_chunk_score_grads,
-    intra_chunk_scores,
-    last_row,
-    load_tile,
-    store_tile,
-)
+from glalearn.kernels.common import chunk_score_grads, chunk_scores, last_row, load_tile, mm, store_tile
 
 
 @triton.jit
@@ -60,7 +56,7 @@ def chunk_state_backward_kernel(
         G = tl.cumsum(g_n, axis=0)
         gamma = last_row(G, C)
         q_decayed = scale * q_n * tl.exp(G)
-        d_state = d_state * tl.exp(gamma)[:, None] + tl.dot(tl.trans(q_decayed), do_n, input_precision=PRECISION)
+        d_state = mm(tl.trans(q_decayed), do_n, d_state * tl.exp(gamma)[:, None], PRECISION)
     if STORE_DH0:
         tl.store(dh0 + i_bh * K * V + state_offsets, d_state, mask=state_mask)
 
@@ -69,7 +65,8 @@ def chunk_state_backward_kernel(
 def chunk_dv_kernel(
     q, k, g, do, dh, dv,  # q, k, g [B, T, H, K]; do, dv [B, T, H, V]; dh [B, H, N, K, V] float32
     scale, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    C: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+    C: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    SPAN_MAX: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dV_n = (K_n ⊙ exp(γ_n - G_n)) dS_{n+1} + scale · P_n^T dO_n: the output kernel, transposed."""
     i_v, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
@@ -93,10 +90,10 @@ def chunk_dv_kernel(
         gamma = last_row(G, C)
         rk = i_k * BK + tl.arange(0, BK)
         dS = tl.load(dh_base + rk[:, None] * V + rv[None, :], mask=(rk < K)[:, None] & (rv < V)[None, :], other=0.0)
-        inter = tl.dot(k_n * tl.exp(gamma[None, :] - G), dS, inter, input_precision=PRECISION)
-        P += intra_chunk_scores(q_n, k_n, G, C, L, BK, PRECISION)
+        inter = mm(k_n * tl.exp(gamma[None, :] - G), dS, inter, PRECISION)
+        P += chunk_scores(q_n, k_n, G, q_n * tl.exp(G), C, L, BK, SPAN_MAX, PRECISION)
     do_n = load_tile(do_base, row0, i_v * BV, T, V, H * V, C, BV)
-    out = tl.dot(tl.trans(scale * P), do_n, inter, input_precision=PRECISION)
+    out = mm(tl.trans(scale * P), do_n, inter, PRECISION)
     store_tile(dv_base, out, row0, i_v * BV, T, V, H * V, C, BV)
 
 
@@ -104,9 +101,14 @@ def chunk_dv_kernel(
 def chunk_dqkg_kernel(
     q, k, v, g, do, h, dh, dq, dk, dg,  # [B, T, H, K|V] tensors; h [B, H, N + 1, K, V]; dh [B, H, N, K, V]
     scale, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    C: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+    C: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    SPAN_MAX: tl.constexpr, PRECISION: tl.constexpr, INTRA_PRECISION: tl.constexpr,
 ):
-    """dq, dk and dg for one (K block, chunk, head); the V dimension is walked in blocks."""
+    """dq, dk and dg for one (K block, chunk, head); the V dimension is walked in blocks.
+
+    PRECISION: of the products with the states and of dP; INTRA_PRECISION: of the intra-chunk score
+    gradients, whose pairs cancel in the gate gradient (so they may need more mantissa bits).
+    """
     i_k, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     N = tl.cdiv(T, C)
@@ -119,12 +121,12 @@ def chunk_dqkg_kernel(
     G = tl.cumsum(g_n, axis=0)
     gamma = last_row(G, C)
     rk = i_k * BK + tl.arange(0, BK)
-    h_base = h + (i_bh * (N + 1) + i_n) * K * V  # S_n; S_{n+1} is the next slot
+    h_base = h + (i_bh * (N + 1) + i_n) * K * V  # S_n
     dh_base = dh + (i_bh * N + i_n) * K * V  # dS_{n+1}
     dP = tl.zeros((C, C), dtype=tl.float32)
     dq_inter = tl.zeros((C, BK), dtype=tl.float32)
     dk_inter = tl.zeros((C, BK), dtype=tl.float32)
-    later = tl.zeros((BK,), dtype=tl.float32)  # Σ_v S_{n+1} ⊙ dS_{n+1}
+    through = tl.zeros((BK,), dtype=tl.float32)  # Σ_v S_n ⊙ dS_{n+1}
     for i_v in range(tl.cdiv(V, BV)):
         do_n = load_tile(do + off_v, row0, i_v * BV, T, V, H * V, C, BV)
         v_n = load_tile(v + off_v, row0, i_v * BV, T, V, H * V, C, BV)
@@ -132,18 +134,24 @@ def chunk_dqkg_kernel(
         mask = (rk < K)[:, None] & (rv < V)[None, :]
         offsets = rk[:, None] * V + rv[None, :]
         S = tl.load(h_base + offsets, mask=mask, other=0.0)
-        S_next = tl.load(h_base + K * V + offsets, mask=mask, other=0.0)
         dS = tl.load(dh_base + offsets, mask=mask, other=0.0)
-        dP = tl.dot(do_n, tl.trans(v_n), dP, input_precision=PRECISION)
-        dq_inter = tl.dot(do_n, tl.trans(S), dq_inter, input_precision=PRECISION)
-        dk_inter = tl.dot(v_n, tl.trans(dS), dk_inter, input_precision=PRECISION)
-        later += tl.sum(S_next * dS, axis=1)
-    dq_intra, dk_intra = intra_chunk_score_grads(dP, q_n, k_n, G, C, L, BK, PRECISION)
-    dq_n = scale * (dq_inter * tl.exp(G) + dq_intra)
-    dk_n = dk_inter * tl.exp(gamma[None, :] - G) + scale * dk_intra
-    # The gate-gradient trick, before the i = j terms (which cancel in it exactly) are added.
-    d_log_b = q_n * dq_n - k_n * dk_n
-    dg_n = tl.cumsum(d_log_b, axis=0, reverse=True) + later[None, :]
+        dP = mm(do_n, tl.trans(v_n), dP, PRECISION)
+        dq_inter = mm(do_n, tl.trans(S), dq_inter, PRECISION)
+        dk_inter = mm(v_n, tl.trans(dS), dk_inter, PRECISION)
+        through += tl.sum(S * dS, axis=1)
+    e_G = tl.exp(G)
+    dq_intra, dk_intra = chunk_score_grads(dP, q_n, k_n, G, q_n * e_G, C, L, BK, SPAN_MAX, INTRA_PRECISION)
+    dq_n = scale * (dq_inter * e_G + dq_intra)
+    dk_carry = dk_inter * tl.exp(gamma[None, :] - G)  # through the state leaving the chunk
+    dk_n = dk_carry + scale * dk_intra
+    # The gate-gradient trick, grouped so that nothing large cancels: g_t scales every path that
+    # crosses position t. Within the chunk: the reverse cumulative sum of q ⊙ dq - k ⊙ dk over the
+    # intra pairs and the reads of S_n (the i = j terms cancel exactly and are added after). Keys
+    # before t that reach later chunks: an exclusive cumulative sum of k ⊙ dk_carry. S_n itself,
+    # carried through the whole chunk: exp(γ) ⊙ Σ_v S_n ⊙ dS_{n+1}.
+    k_carry = k_n * dk_carry
+    dg_n = (tl.cumsum(q_n * dq_n - scale * k_n * dk_intra, axis=0, reverse=True)
+            + (tl.cumsum(k_carry, axis=0) - k_carry) + (tl.exp(gamma) * through)[None, :])
     rows = tl.arange(0, C)
     dP_diag = scale * tl.sum(tl.where(rows[:, None] == rows[None, :], dP, 0.0), axis=1)[:, None]
     store_tile(dq + off_k, dq_n + dP_diag * k_n, row0, i_k * BK, T, K, H * K, C, BK)

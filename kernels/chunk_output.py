@@ -4,7 +4,8 @@
 
 One program per (V block, chunk, head): chunks are independent once h holds S_n, so this is the
 parallel half of the materialized forward. The intra-chunk scores P_n [C, C] are built over the K
-blocks with secondary-level chunking (``common.intra_chunk_scores``) and never leave the chip.
+blocks (``common.chunk_scores``: one guarded product, or secondary-level chunking when the chunk's
+decay is too strong for it) and never leave the chip. Q ⊙ exp(G) serves both terms.
 
 Bytes per program: q, k, g [C, K], v [C, BV] and the [K, BV] float32 state in, o [C, BV] out.
 """
@@ -13,14 +14,15 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from glalearn.kernels.common import intra_chunk_scores, load_tile, store_tile
+from glalearn.kernels.common import chunk_scores, load_tile, mm, store_tile
 
 
 @triton.jit
 def chunk_output_kernel(
     q, k, v, g, h, o,  # q, k, g [B, T, H, K]; v, o [B, T, H, V]; h [B, H, N + 1, K, V] float32
     scale, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    C: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+    C: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    SPAN_MAX: tl.constexpr, PRECISION: tl.constexpr,
 ):
     i_v, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
@@ -40,10 +42,11 @@ def chunk_output_kernel(
         k_n = load_tile(k_base, row0, i_k * BK, T, K, H * K, C, BK)
         g_n = load_tile(g_base, row0, i_k * BK, T, K, H * K, C, BK)
         G = tl.cumsum(g_n, axis=0)
+        qe = q_n * tl.exp(G)  # <= |q|: the past through S_n, and the chunk's own scores
         rk = i_k * BK + tl.arange(0, BK)
         S = tl.load(h_base + rk[:, None] * V + rv[None, :], mask=(rk < K)[:, None] & (rv < V)[None, :], other=0.0)
-        inter = tl.dot(q_n * tl.exp(G), S, inter, input_precision=PRECISION)  # the past, through S_n
-        P += intra_chunk_scores(q_n, k_n, G, C, L, BK, PRECISION)  # this chunk, token to token
+        inter = mm(qe, S, inter, PRECISION)
+        P += chunk_scores(q_n, k_n, G, qe, C, L, BK, SPAN_MAX, PRECISION)
     v_n = load_tile(v_base, row0, i_v * BV, T, V, H * V, C, BV)
-    out = scale * tl.dot(P, v_n, inter, input_precision=PRECISION)
+    out = scale * mm(P, v_n, inter, PRECISION)
     store_tile(o_base, out, row0, i_v * BV, T, V, H * V, C, BV)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from glalearn.kernels.common import last_row, load_tile
+from glalearn.kernels.common import last_row, load_tile, mm
 
 
 @triton.jit
@@ -48,5 +48,5 @@ def chunk_state_kernel(
         G = tl.cumsum(g_n, axis=0)  # chunk-local cumulative log decay
         gamma = last_row(G, C)  # log decay over the whole chunk, [BK]
         k_decayed = k_n * tl.exp(gamma[None, :] - G)  # exp(γ - G_j) <= 1
-        state = state * tl.exp(gamma)[:, None] + tl.dot(tl.trans(k_decayed), v_n, input_precision=PRECISION)
+        state = mm(tl.trans(k_decayed), v_n, state * tl.exp(gamma)[:, None], PRECISION)
     tl.store(h_base + N * K * V + state_offsets, state, mask=state_mask)

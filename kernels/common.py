@@ -157,3 +157,152 @@ def intra_chunk_score_grads(dP, q, k, G, C: tl.constexpr, L: tl.constexpr, BK: t
     dq3 = tl.sum(w * k3[:, None, :, :], axis=2)  # Σ_j  [NS, L, BK]
     dk3 = tl.sum(w * q3[:, :, None, :], axis=1)  # Σ_i
     return dq + tl.reshape(dq3, (C, BK)), dk + tl.reshape(dk3, (C, BK))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The guarded chunk scores (chapter 7): one tensor-core product per chunk whenever it is safe.
+#
+# With the chunk-local cumulative decay G (G_i <= 0, decreasing), every score factors through the
+# chunk's start as reference point:
+#     exp(G_i - G_j) = exp(G_i) · exp(-G_j),      so  P = tril( (Q ⊙ exp(G)) (K ⊙ exp(-G))^T ).
+# Q ⊙ exp(G) is bounded (<= |q|) and is the same factor the inter-chunk term uses. K ⊙ exp(-G) grows
+# up to exp(s), s = max(-G) the chunk's decay span. Each term of a kept entry (j <= i) is then the
+# exact q_ik k_jk exp(G_ik - G_jk) up to a rounding *relative to that term*: nothing large cancels.
+# The one danger is the range of the factors, so the product is used only while s <= SPAN_MAX
+# (e^40 ≈ 2e17: far inside float32's, tf32's and bf16's e^88). A chunk with a larger span (gates of
+# about -0.6 per step or stronger, averaged over 64 steps) takes the exact secondary-level path:
+# sub-chunk pairs as products against the query sub-chunk's first row, diagonal sub-chunks element
+# by element in float32 log space.
+# ---------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def round_to_bf16(x):
+    """float32 x rounded to the nearest bfloat16 (ties to even), kept in float32: add half of the
+    dropped 16 bits (minus one unless the kept part is odd) to the bit pattern, then clear them."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def mm(a, b, acc, PRECISION: tl.constexpr):
+    """acc + a @ b. PRECISION: "ieee" | "tf32" | "tf32x3" (float32 operands) or "bf16" (operands
+    rounded to bfloat16, the tensor cores' fastest path; bf16 keeps float32's exponent range).
+    "bf16_round" is "bf16" for Triton's interpreter, whose bfloat16 products are not right: round the
+    operands to bfloat16, multiply them in float32 (what the tensor cores compute: products of bf16
+    values are exact in float32, sums accumulate in float32)."""
+    if PRECISION == "bf16":
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
+    elif PRECISION == "bf16_round":
+        return tl.dot(round_to_bf16(a), round_to_bf16(b), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def decay_span(G):
+    """max over the tile of -G: the largest cumulative decay (in nats) inside the chunk, a scalar."""
+    return -tl.min(tl.min(G, axis=1), axis=0)
+
+
+@triton.jit
+def row_of(x, r, ROWS: tl.constexpr):
+    """Row r (a runtime index) of a [ROWS, COLS] tile, as a [COLS] vector (a masked sum)."""
+    return tl.sum(tl.where((tl.arange(0, ROWS) == r)[:, None], x, 0.0), axis=0)
+
+
+@triton.jit
+def secondary_chunk_scores(q, k, G, C: tl.constexpr, L: tl.constexpr, BK: tl.constexpr,
+                           PRECISION: tl.constexpr):
+    """P[i, j] for j <= i by secondary-level chunking, exact for every gate (the fallback path).
+
+    Sub-chunk pairs (query sub-chunk a, key sub-chunks before it): one product per a, against
+    R_a = G at a's first row: q_i exp(G_i - R_a) <= |q_i| and k_j exp(R_a - G_j) <= |k_j| for j before a.
+    Exponents are masked to -inf *before* the exp wherever they could be positive. Diagonal
+    sub-chunks: float32 log space, one key row j per step.
+    """
+    NS: tl.constexpr = C // L
+    rows = tl.arange(0, C)
+    P = tl.zeros((C, C), dtype=tl.float32)
+    for a in range(1, NS):
+        R = row_of(G, a * L, C)  # [BK]
+        in_a = ((rows >= a * L) & (rows < (a + 1) * L))[:, None]
+        before_a = (rows < a * L)[:, None]
+        q_hat = q * tl.exp(tl.where(in_a, G - R[None, :], float("-inf")))
+        k_hat = k * tl.exp(tl.where(before_a, R[None, :] - G, float("-inf")))
+        P = mm(q_hat, tl.trans(k_hat), P, PRECISION)
+    for j in range(C):
+        k_j = row_of(k, j, C)
+        G_j = row_of(G, j, C)
+        own = (rows >= j) & (rows < (j // L + 1) * L)  # rows i >= j in j's sub-chunk
+        w = q * k_j[None, :] * tl.exp(tl.where(own[:, None], G - G_j[None, :], float("-inf")))
+        P = tl.where((rows == j)[None, :], P + tl.sum(w, axis=1)[:, None], P)
+    return P
+
+
+@triton.jit
+def chunk_scores(q, k, G, qe, C: tl.constexpr, L: tl.constexpr, BK: tl.constexpr,
+                 SPAN_MAX: tl.constexpr, PRECISION: tl.constexpr):
+    """P[i, j] = Σ_k q_ik k_jk exp(G_ik - G_jk) for j <= i, 0 above the diagonal: [C, C] float32.
+
+    qe = q ⊙ exp(G) (the caller has it already, for the inter-chunk term). One product when the
+    chunk's decay span allows it, the secondary-level path otherwise (see the block comment above).
+    """
+    rows = tl.arange(0, C)
+    if decay_span(G) <= SPAN_MAX:
+        ke = k * tl.exp(-G)  # <= |k| e^SPAN_MAX
+        P = mm(qe, tl.trans(ke), tl.zeros((C, C), dtype=tl.float32), PRECISION)
+        P = tl.where(rows[:, None] >= rows[None, :], P, 0.0)  # the upper part may be huge: drop it
+    else:
+        P = secondary_chunk_scores(q, k, G, C, L, BK, PRECISION)
+    return P
+
+
+@triton.jit
+def secondary_chunk_score_grads(dP, q, k, G, C: tl.constexpr, L: tl.constexpr, BK: tl.constexpr,
+                                PRECISION: tl.constexpr):
+    """The exact (secondary-level) path of :func:`chunk_score_grads`, strictly below the diagonal."""
+    NS: tl.constexpr = C // L
+    rows = tl.arange(0, C)
+    dq = tl.zeros((C, BK), dtype=tl.float32)
+    dk = tl.zeros((C, BK), dtype=tl.float32)
+    for a in range(1, NS):
+        R = row_of(G, a * L, C)
+        in_a = ((rows >= a * L) & (rows < (a + 1) * L))[:, None]
+        before_a = (rows < a * L)[:, None]
+        from_R = tl.exp(tl.where(in_a, G - R[None, :], float("-inf")))  # rows of a, else 0
+        to_R = tl.exp(tl.where(before_a, R[None, :] - G, float("-inf")))  # rows before a, else 0
+        dP_a = tl.where(in_a & (rows < a * L)[None, :], dP, 0.0)  # query rows in a, key columns before a
+        dq += from_R * mm(dP_a, k * to_R, tl.zeros((C, BK), dtype=tl.float32), PRECISION)
+        dk += to_R * mm(tl.trans(dP_a), q * from_R, tl.zeros((C, BK), dtype=tl.float32), PRECISION)
+    for j in range(C):
+        k_j = row_of(k, j, C)
+        G_j = row_of(G, j, C)
+        dP_j = tl.sum(tl.where((rows == j)[None, :], dP, 0.0), axis=1)  # column j of dP: [C]
+        own = (rows > j) & (rows < (j // L + 1) * L)  # rows i > j in j's sub-chunk
+        w = dP_j[:, None] * tl.exp(tl.where(own[:, None], G - G_j[None, :], float("-inf")))  # [C, BK]
+        dq += w * k_j[None, :]
+        dk = tl.where((rows == j)[:, None], dk + tl.sum(w * q, axis=0)[None, :], dk)
+    return dq, dk
+
+
+@triton.jit
+def chunk_score_grads(dP, q, k, G, qe, C: tl.constexpr, L: tl.constexpr, BK: tl.constexpr,
+                      SPAN_MAX: tl.constexpr, PRECISION: tl.constexpr):
+    """Gradients of :func:`chunk_scores` through the strictly lower part (j < i) of dP:
+
+        dq_ik = Σ_{j<i} dP_ij k_jk exp(G_ik - G_jk),     dk_jk = Σ_{i>j} dP_ij q_ik exp(G_ik - G_jk)
+
+    Fast path: dq = exp(G) ⊙ (dP (K ⊙ exp(-G))),  dk = exp(-G) ⊙ (dP^T (Q ⊙ exp(G))). The i = j terms
+    are left to the caller (they cancel in the gate gradient q ⊙ dq - k ⊙ dk).
+    """
+    rows = tl.arange(0, C)
+    dP = tl.where(rows[:, None] > rows[None, :], dP, 0.0)
+    if decay_span(G) <= SPAN_MAX:
+        e_neg = tl.exp(-G)
+        dq = tl.exp(G) * mm(dP, k * e_neg, tl.zeros((C, BK), dtype=tl.float32), PRECISION)
+        dk = e_neg * mm(tl.trans(dP), qe, tl.zeros((C, BK), dtype=tl.float32), PRECISION)
+    else:
+        dq, dk = secondary_chunk_score_grads(dP, q, k, G, C, L, BK, PRECISION)
+    return dq, dk

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from glalearn.kernels.common import intra_chunk_scores, last_row, load_tile, store_tile
+from glalearn.kernels.common import chunk_scores, last_row, load_tile, mm, store_tile
 
 
 @triton.jit
@@ -22,7 +22,7 @@ def fused_forward_kernel(
     q, k, v, g, h0, o, ht,  # q, k, g [B, T, H, K]; v, o [B, T, H, V]; h0, ht [B, H, K, V] float32
     scale, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     C: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    USE_H0: tl.constexpr, STORE_FINAL: tl.constexpr, PRECISION: tl.constexpr,
+    USE_H0: tl.constexpr, STORE_FINAL: tl.constexpr, SPAN_MAX: tl.constexpr, PRECISION: tl.constexpr,
 ):
     i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
@@ -47,11 +47,12 @@ def fused_forward_kernel(
         v_n = load_tile(v_base, n * C, i_v * BV, T, V, H * V, C, BV)
         G = tl.cumsum(g_n, axis=0)
         gamma = last_row(G, C)
-        P = intra_chunk_scores(q_n, k_n, G, C, L, BK, PRECISION)
-        inter = tl.dot(q_n * tl.exp(G), state, input_precision=PRECISION)
-        out = scale * tl.dot(P, v_n, inter, input_precision=PRECISION)
+        qe = q_n * tl.exp(G)
+        P = chunk_scores(q_n, k_n, G, qe, C, L, BK, SPAN_MAX, PRECISION)
+        inter = mm(qe, state, tl.zeros((C, BV), dtype=tl.float32), PRECISION)
+        out = scale * mm(P, v_n, inter, PRECISION)
         store_tile(o_base, out, n * C, i_v * BV, T, V, H * V, C, BV)
         k_decayed = k_n * tl.exp(gamma[None, :] - G)
-        state = state * tl.exp(gamma)[:, None] + tl.dot(tl.trans(k_decayed), v_n, input_precision=PRECISION)
+        state = mm(tl.trans(k_decayed), v_n, state * tl.exp(gamma)[:, None], PRECISION)
     if STORE_FINAL:
         tl.store(ht + state_offsets, state, mask=state_mask)

@@ -113,3 +113,87 @@ def test_interpreter_is_on_in_ci():
 
     assert os.environ.get("TRITON_INTERPRET") == "1"
     assert flash.interpreter_active()
+
+
+@pytest.fixture
+def flash_config():
+    """Change glalearn.flash.CONFIG for one test, restored afterwards."""
+    from glalearn import flash
+
+    saved = dict(flash.CONFIG)
+    yield flash.CONFIG
+    flash.CONFIG.clear()
+    flash.CONFIG.update(saved)
+
+
+@pytest.mark.parametrize("materialize", [True, False])
+def test_secondary_path_alone_is_exact(flash_config, materialize):
+    """span_max = -1 sends every chunk down the secondary-level path: still exact, mild gates too."""
+    flash_config["span_max"] = -1.0
+    _check_against_reference(1, 130, 1, 16, 60, materialize, True, 16.0, 64, seed=11)
+    _check_against_reference(1, 63, 2, 60, 16, materialize, False, 1.0, 32, seed=12)
+
+
+def _mixed_gates(seed):
+    """Chunks of mild gates (span << 40), chunks of g = -30 (span >> 40), and a chunk where a few
+    channels decay hard while the rest barely decay."""
+    inputs = random_gla_inputs(B=1, T=200, H=1, K=16, V=16, gate_normalizer=16.0, seed=seed, initial_state=True)
+    g = inputs["g"]
+    g[:, 64:128] = -30.0
+    g[:, 128:192, :, :3] = -2.0
+    return inputs
+
+
+@pytest.mark.parametrize("materialize", [True, False])
+def test_guard_takes_the_product_only_where_it_is_safe(flash_config, materialize):
+    """The guarded kernel is exact on mixed chunks; forcing the single product everywhere is not
+    (the key factors exp(-G) overflow in the strongly decaying chunks), which shows the guard at work."""
+    from glalearn import flash_gla
+
+    inputs = _mixed_gates(seed=5)
+    ref, _ = recurrent_gla(**{n: t.double() for n, t in inputs.items()})
+    o, _ = flash_gla(**inputs, materialize=materialize)
+    assert relative_rmse(o, ref) <= TOL
+    flash_config["span_max"] = 1e30  # no guard: every chunk takes the product
+    o_unguarded, _ = flash_gla(**inputs, materialize=materialize)
+    assert not torch.isfinite(o_unguarded).all() or relative_rmse(o_unguarded, ref) > 1e-2
+    # and the product alone is right where the span is small: the first chunk only has mild gates
+    assert relative_rmse(o_unguarded[:, :64], ref[:, :64]) <= TOL
+
+
+def test_mixed_gates_gradients():
+    _inputs = _mixed_gates(seed=6)
+    from glalearn import flash_gla
+
+    x = {n: t.clone().requires_grad_() for n, t in _inputs.items()}
+    o, s = flash_gla(**x, output_final_state=True)
+    x64 = {n: t.double().requires_grad_() for n, t in _inputs.items()}
+    o_ref, s_ref = recurrent_gla(**x64, output_final_state=True)
+    assert relative_rmse(o, o_ref) <= TOL and relative_rmse(s, s_ref) <= TOL
+    do, ds = torch.randn_like(o_ref), torch.randn_like(s_ref)
+    ((o.double() * do).sum() + (s.double() * ds).sum()).backward()
+    ((o_ref * do).sum() + (s_ref * ds).sum()).backward()
+    for name, leaf in x.items():
+        err = relative_rmse(leaf.grad, x64[name].grad)
+        assert err <= TOL, (name, err)
+
+
+def test_bf16_operands_in_the_interpreter(flash_config):
+    """precision="bf16" rounds the products' operands to bfloat16: bf16 inputs stay within the
+    GPU tolerances of DESIGN.md §2 (o 5e-3, gradients 1e-2)."""
+    from glalearn import flash_gla
+
+    flash_config.update(precision="bf16", bwd_precision="bf16", bwd_state_precision="bf16")
+    inputs = random_gla_inputs(B=1, T=130, H=2, K=32, V=32, seed=9, initial_state=True)
+    for n in ("q", "k", "v", "g"):
+        inputs[n] = inputs[n].to(torch.bfloat16)
+    x = {n: t.clone().requires_grad_() for n, t in inputs.items()}
+    o, _ = flash_gla(**x)
+    x64 = {n: t.double().requires_grad_() for n, t in inputs.items()}
+    o_ref, _ = recurrent_gla(**x64)
+    assert o.dtype == torch.bfloat16 and relative_rmse(o, o_ref) <= 5e-3
+    do = torch.randn_like(o_ref)
+    (o.double() * do).sum().backward()
+    (o_ref * do).sum().backward()
+    for name, leaf in x.items():
+        assert relative_rmse(leaf.grad, x64[name].grad) <= 1e-2, name

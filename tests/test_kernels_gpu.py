@@ -54,7 +54,8 @@ def _bf16_inputs(B, T, H, K, V, seed, norm=16.0, initial_state=True):
 
 @pytest.mark.parametrize("materialize", [True, False])
 @pytest.mark.parametrize("T,K,V,norm", [(1, 16, 16, 16.0), (63, 64, 64, 1.0), (200, 60, 100, 16.0),
-                                        (1000, 128, 128, 16.0), (1000, 100, 60, 0.1), (4100, 64, 64, 16.0)])
+                                        (1000, 128, 128, 16.0), (1000, 100, 60, 0.1), (4100, 64, 64, 16.0),
+                                        (300, 32, 32, 1.0)])
 def test_bf16_matches_float64(materialize, T, K, V, norm):
     inputs = _bf16_inputs(2, T, 3, K, V, seed=T + K, norm=norm)
     (o, o_ref), (s, s_ref), grads = _run(inputs, materialize)
