@@ -27,7 +27,7 @@ from pathlib import Path
 MINIMUM = {"python": (3, 10), "torch": (2, 5), "triton": (3, 2), "jupyterlab": (4, 0), "ipywidgets": (8, 1)}
 WIDGET_EXTENSION = "@jupyter-widgets/jupyterlab-manager"
 # The book's chapters and what they need beyond torch, numpy and matplotlib.
-CPU_CHAPTERS = (0, 1, 2, 3, 4, 5, 8, 9, 10)
+CPU_CHAPTERS = (0, 1, 2, 3, 4, 5, 8, 9, 10, 11)
 TRITON_CHAPTERS = (6, 7)
 
 

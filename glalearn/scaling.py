@@ -233,6 +233,56 @@ def summary(results: dict) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- reading the results (chapter 11)
+def find_results(folder: str | Path | None = None) -> list[tuple[Path, dict]]:
+    """Every committed ``scaling_*.json`` (default: the package's ``assets/results``), sorted by name."""
+    if folder is None:
+        from importlib.resources import files
+
+        folder = Path(str(files("glalearn") / "assets" / "results"))
+    return [(p, json.loads(p.read_text())) for p in sorted(Path(folder).glob(RESULTS_GLOB))]
+
+
+def results_table(results: dict) -> str:
+    """tokens/s, speed-up and per-rank efficiency per number of ranks, as a fixed-width table."""
+    lines = [f"{'ranks':>5}  {'global batch':>12}  {'tokens/s':>12}  {'speed-up':>8}  {'efficiency':>10}"]
+    for r in results["runs"]:
+        if r.get("accum_steps") != 1 or "tokens_per_s" not in r:
+            continue
+        speed = results["speedup"][str(r["ranks"])]
+        lines.append(f"{r['ranks']:>5}  {r['global_batch']:>12}  {r['tokens_per_s']:>12,.0f}  {speed:>7.2f}x  "
+                     f"{speed / r['ranks']:>10.0%}")
+    return "\n".join(lines)
+
+
+def plot_scaling(results: dict, label: str = ""):
+    """Two panels: tokens/s against ranks (with perfect scaling), and the loss curves of N ranks against one
+    rank accumulating N micro-batches (the same effective batch). Returns the matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ranks = sorted(int(n) for n in results["throughput"])
+    tps = [results["throughput"][str(n)] for n in ranks]
+    ax1.plot(ranks, [tps[0] * n for n in ranks], "--", color="gray", label="perfect scaling")
+    ax1.plot(ranks, tps, "o-", label="measured (median after warm-up)")
+    ax1.set(xlabel="ranks (GPUs)", ylabel="tokens / s (all ranks)", xticks=ranks,
+            title=f"throughput, same micro-batch per rank {label}".strip())
+    ax1.set_ylim(bottom=0)
+    ax1.legend()
+    curves = results.get("loss_curves")
+    if curves:
+        steps = range(len(curves["n_ranks"]))
+        ax2.plot(steps, curves["one_rank_accumulating"], label=f"1 rank, accumulating {curves['ranks']}")
+        ax2.plot(steps, curves["n_ranks"], "--", label=f"{curves['ranks']} ranks")
+        ax2.set(xlabel="step", ylabel="training loss (nats/char)",
+                title=f"same effective batch ({curves['effective_batch']} windows)")
+        ax2.legend()
+    else:
+        ax2.set_axis_off()
+    fig.tight_layout()
+    return fig
+
+
 # ----------------------------------------------------------------------------- command line
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=300, help="optimizer steps per run (default 300)")

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from glalearn import scaling
 
@@ -35,6 +36,14 @@ def test_scaling_driver_runs_on_cpu_and_merges_one_json(tmp_path):
     assert [r["loss"] for r in results["runs"][0]["steps"]] != pytest.approx(curves["n_ranks"], abs=1e-5)
     assert {"torch", "python", "cpu_count", "date"} <= set(results["machine"])
     assert not list(tmp_path.glob("*/*.safetensors"))  # only logs are kept
+    # what chapter 11 does with a results file: find it, tabulate it, plot it
+    (path, found), = scaling.find_results(tmp_path)
+    assert path.name == "scaling_cpu.json" and found == results
+    table = scaling.results_table(results).splitlines()
+    assert len(table) == 3 and table[1].split()[:2] == ["1", "4"] and table[2].split()[:2] == ["2", "8"]
+    fig = scaling.plot_scaling(results)
+    assert [ax.get_xlabel() for ax in fig.axes] == ["ranks (GPUs)", "step"]
+    assert len(fig.axes[1].lines) == 2 and len(fig.axes[1].lines[0].get_ydata()) == 4
 
 
 def test_median_and_slug_and_bad_arguments(tmp_path, capsys):
@@ -51,3 +60,44 @@ def test_median_and_slug_and_bad_arguments(tmp_path, capsys):
         with pytest.raises(SystemExit):
             scaling.main(["run-all", "--out", str(tmp_path), "--device", "cpu", *bad])
         assert match in capsys.readouterr().err
+
+
+def test_any_split_of_the_batch_gives_the_full_batch_gradient():
+    """Chapter 11 §1: averaging N ranks' gradients (or accumulating A micro-batches, each loss / A) is the
+    gradient of the whole batch; summing the ranks' gradients instead doubles it."""
+    from glalearn.data import sample_batch, shakespeare_splits
+    from glalearn.model import GLAConfig, build_model
+
+    torch.manual_seed(3)
+    model = build_model(GLAConfig(d_model=32, n_layers=2, num_heads=2, context_length=24, backend="chunk",
+                                  chunk_size=8))
+    x, y = sample_batch(shakespeare_splits()[0], 8, 24, torch.Generator().manual_seed(4))
+
+    def gradient(pieces, scale):
+        model.zero_grad()
+        for rows in pieces:
+            (model.loss(x[rows], y[rows]) * scale).backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    full = gradient([slice(0, 8)], 1.0)
+    for n in (2, 4, 8):
+        split = gradient([slice(i * 8 // n, (i + 1) * 8 // n) for i in range(n)], 1 / n)
+        assert ((split - full).norm() / full.norm()) < 1e-6, n
+    summed = gradient([slice(0, 4), slice(4, 8)], 1.0)
+    assert ((summed - full).norm() / full.norm()).item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_scaling_model_is_shakespeare_gla_at_width_512(monkeypatch):
+    """The shapes chapter 11 quotes: 19,121,920 parameters, 6 layers, 4 heads, context 256, batch 64 per rank."""
+    from glalearn.model import build_model, config_from_dict
+
+    captured = []
+    monkeypatch.setattr(scaling, "run_worker", lambda args: captured.append(args) or 0)
+    assert scaling.main(["worker", "--out", "unused"]) == 0  # the worker's defaults, as run-all passes them
+    cfg = scaling.worker_config(captured[0], world_size=2)
+    assert (cfg.batch_size, cfg.context, cfg.accum_steps) == (128, 256, 1)
+    mcfg = config_from_dict(cfg.model)
+    assert (mcfg.d_model, mcfg.n_layers, mcfg.num_heads, mcfg.context_length, mcfg.ffn_hidden) == (512, 6, 4, 256,
+                                                                                                   1376)
+    with torch.device("meta"):
+        assert build_model(mcfg).num_parameters() == 19_121_920
