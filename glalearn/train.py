@@ -3,6 +3,8 @@
     python -m glalearn.train --preset tiny-cpu --out runs/tiny
     python -m glalearn.train --preset shakespeare-gla --out runs/gla            # the shipped model (GPU)
     python -m glalearn.train --preset shakespeare-gla --out runs/gla --resume   # continue after a stop
+    python -m glalearn.train --preset tiny-cpu --data my_texts/ --tokenizer byte --out runs/mine  # your corpus
+    torchrun --standalone --nproc_per_node 8 -m glalearn.train --preset shakespeare-gla --out runs/gla8 [--fsdp]
 
 AdamW, linear warmup then cosine decay to a tenth of the peak learning rate, gradient clipping,
 validation every ``eval_interval`` steps on a fixed set of validation windows, a tqdm progress bar, and a
@@ -16,7 +18,14 @@ Batches are a pure function of (seed, step): step s samples one global batch of 
 generator seeded with (seed, s). A resumed run therefore sees exactly the batches an uninterrupted one
 would, and a data-parallel run (``torchrun``, rank r of N) takes rows r·B/N ... (r+1)·B/N of that same
 global batch, so N ranks compute the gradient one process would (issue 9). Logging, the progress bar
-and checkpoints happen on rank 0 only.
+and checkpoints happen on rank 0 only. DDP by default; ``--fsdp`` shards parameters, gradients and AdamW
+moments with FSDP2 (``fully_shard`` per block, then the root), and gathers the full state on rank 0's
+CPU for each checkpoint, so the files are the same either way and a run resumes with any number of ranks.
+
+``--data PATH`` trains on your own UTF-8 text (a file, or a folder joined in sorted order by a blank
+line), tokenized once into a memory-mapped token file (``glalearn.data.load_corpus``; appendix chapter 11)
+with ``--tokenizer char`` (the corpus's alphabet) or ``byte`` (256 UTF-8 bytes); the model's vocabulary
+follows the tokenizer, which is saved in config.json.
 """
 
 from __future__ import annotations
