@@ -193,6 +193,9 @@ def run_all(args: argparse.Namespace, command: str) -> dict:
                                                           "d_model", "n_layers", "num_heads", "dropout", "backend",
                                                           "chunk_size", "device", "amp", "seed", "log_interval")},
                "runs": []}
+    have = results["machine"].get("gpu_count")
+    if have is not None and have < args.gpus:
+        raise ValueError(f"--gpus must be at most the {have} GPU(s) of this machine, got {args.gpus}")
     plan = [(f"ranks{n}", n, 1) for n in _rank_counts(args.gpus)] + [(f"ranks1_accum{args.gpus}", 1, args.gpus)]
     for name, nproc, accum in plan:
         left = args.deadline - (time.perf_counter() - start)
