@@ -200,14 +200,12 @@ def _guarded_product(q, k, g, G, sub_chunk_size, matmul_dtype):
     exponent = G - guard["mid"]  # float64, |G_i - c| <= s/2
     if not all_fast:  # chunks over the bound: factor 1, so their (discarded) product stays finite
         exponent = exponent.masked_fill(~fast[..., None, None], 0.0)
-    factor = exponent.exp().to(q.dtype)  # one rounding, whatever the span
+    factor = exponent.exp_().to(q.dtype)  # computed in float64, one rounding whatever the span
     q_tilde, k_tilde = q * factor, k / factor
-    A = matmul(q_tilde, k_tilde.transpose(-1, -2), matmul_dtype)
     # Above the diagonal the factors do not cancel: exp(G_i - G_j) >= 1 may be huge (even inf/NaN in the
-    # product); torch.where drops those entries before anything touches them (masked_fill would too, but
-    # multiplying by a 0/1 mask would turn 0 * inf into NaN).
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    P = torch.where(causal, A, A.new_zeros(()))
+    # product). tril_ *writes* zeros there (as torch.where would) before anything else touches them;
+    # multiplying by a 0/1 mask instead would turn 0 * inf into NaN.
+    P = matmul(q_tilde, k_tilde.transpose(-1, -2), matmul_dtype).tril_()
     if not all_fast:  # the chunks over the bound: the exact two-level path, only for them
         slow = (~fast).flatten().nonzero().squeeze(-1)
         flat = (x.reshape(-1, *x.shape[-2:]) for x in (q, k, g))
@@ -307,8 +305,8 @@ def two_level_chunk_gla(
     qc, kc, vc, gc = (to_chunks(x.to(dt), C) for x in (q, k, v, g))
     S0 = None if initial_state is None else initial_state.to(dt)
     if diagonal == "guarded":
-        o, final = _guarded_chunks(qc, kc, vc, gc, S0, L, matmul_dtype)
-        return from_chunks(info.scale * o, info.T).to(info.out_dtype), (final if output_final_state else None)
+        o, final = _guarded_chunks(qc, kc, vc, gc, S0, L, matmul_dtype, info.scale)
+        return from_chunks(o, info.T).to(info.out_dtype), (final if output_final_state else None)
     *lead, _, K = qc.shape
     S = C // L
     decays = sub_chunk_decays(gc, L)
@@ -326,8 +324,8 @@ def two_level_chunk_gla(
     return from_chunks(o, info.T).to(info.out_dtype), (final if output_final_state else None)
 
 
-def _guarded_chunks(qc, kc, vc, gc, S0, sub_chunk_size, matmul_dtype):
-    """Unscaled chunk outputs [B, H, N, C, V] and S_T of two_level_chunk_gla(diagonal="guarded")."""
+def _guarded_chunks(qc, kc, vc, gc, S0, sub_chunk_size, matmul_dtype, scale):
+    """Chunk outputs [B, H, N, C, V] and S_T of two_level_chunk_gla(diagonal="guarded")."""
     dt = qc.dtype
     G = chunk_local_cumsum(gc)  # float64
     parts = _guarded_product(qc, kc, gc, G, sub_chunk_size, matmul_dtype)
@@ -345,5 +343,11 @@ def _guarded_chunks(qc, kc, vc, gc, S0, sub_chunk_size, matmul_dtype):
         k_decayed = k_decayed.reshape(kc.shape)
     updates = matmul(k_decayed.transpose(-1, -2), vc, matmul_dtype)
     states, final = pass_states(updates, gamma.squeeze(-2).exp().to(dt), S0)
-    o = matmul(q_decayed, states, matmul_dtype) + matmul(parts["P"], vc, matmul_dtype)
-    return o, final
+    if matmul_dtype not in (None, dt):
+        return scale * (matmul(q_decayed, states, matmul_dtype) + matmul(parts["P"], vc, matmul_dtype)), final
+    # o = scale (Q ⊙ Λ) S_n + scale P V: one batched product added onto the other, scaled inside BLAS.
+    *lead, C, K = qc.shape
+    V = vc.shape[-1]
+    intra = parts["P"].reshape(-1, C, C) @ vc.reshape(-1, C, V)
+    o = torch.baddbmm(intra, q_decayed.reshape(-1, C, K), states.reshape(-1, K, V), beta=scale, alpha=scale)
+    return o.reshape(*lead, C, V), final
