@@ -11,6 +11,15 @@ import torch
 from glalearn import scaling
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models: one thread is several times faster than two on a loaded 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_scaling_driver_runs_on_cpu_and_merges_one_json(tmp_path):
     """run-all launches torchrun itself (1 rank, 2 ranks, 1 rank accumulating 2) and writes one JSON."""
     cmd = [sys.executable, "-m", "glalearn.scaling", "run-all", "--gpus", "2", "--out", str(tmp_path), "--device",
@@ -62,7 +71,7 @@ def test_median_and_slug_and_bad_arguments(tmp_path, capsys):
         assert match in capsys.readouterr().err
 
 
-def test_any_split_of_the_batch_gives_the_full_batch_gradient():
+def test_any_split_of_the_batch_gives_the_full_batch_gradient(one_thread):
     """Chapter 11 §1: averaging N ranks' gradients (or accumulating A micro-batches, each loss / A) is the
     gradient of the whole batch; summing the ranks' gradients instead doubles it."""
     from glalearn.data import sample_batch, shakespeare_splits

@@ -157,6 +157,15 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
 
 
 # ----------------------------------------------------------------------------- issue 9: your own corpus, FSDP2
+@pytest.fixture
+def one_thread():
+    """Tiny models: one thread is several times faster than two on a loaded 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _corpus_text(seed: int, n_words: int = 1500) -> str:
     import random
 
@@ -166,7 +175,7 @@ def _corpus_text(seed: int, n_words: int = 1500) -> str:
 
 
 @pytest.mark.parametrize(("source", "kind"), [("one.txt", "char"), ("many", "byte")])
-def test_train_on_own_corpus_file_and_folder(tmp_path, monkeypatch, source, kind):
+def test_train_on_own_corpus_file_and_folder(tmp_path, monkeypatch, source, kind, one_thread):
     """--data on a file and on a folder: memmapped tokens, the vocabulary of the tokenizer, restorable.
     (tests/test_data.py tokenizes files and folders with both tokenizers.)"""
     import glalearn.train as train_mod
@@ -200,7 +209,7 @@ def test_train_on_own_corpus_file_and_folder(tmp_path, monkeypatch, source, kind
     assert sample.startswith("der Bär ")
 
 
-def test_own_corpus_errors_name_the_argument(tmp_path):
+def test_own_corpus_errors_name_the_argument(tmp_path, one_thread):
     (tmp_path / "short.txt").write_text("too short for a window of 32 " * 5, encoding="utf-8")
     with pytest.raises(ValueError, match=r"--data: the corpus .*short.txt is 145 tokens .*too short for one context "
                                          r"window: its validation split \(the last 10%\) holds 15 tokens, fewer "
@@ -217,7 +226,7 @@ def test_own_corpus_errors_name_the_argument(tmp_path):
               progress=False)
 
 
-def test_torchrun_fsdp2_matches_one_process_and_checkpoints_round_trip(tmp_path):
+def test_torchrun_fsdp2_matches_one_process_and_checkpoints_round_trip(tmp_path, one_thread):
     """FSDP2 (fully_shard per block) with gloo on CPU: 2 ranks resume a 1-process checkpoint, accumulate 2
     micro-batches each, and write a checkpoint that one process loads and resumes: every loss and weight
     equals an uninterrupted single-process run with the same effective batch."""
