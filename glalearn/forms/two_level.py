@@ -236,12 +236,13 @@ def guarded_scores(
       lie in [e^-32, e^32]; with |q|, |k| <= 2^60 ≈ e^41.6 every operand stays finite, and any q, k
       above 1e-24 stay normal numbers after the factor. float64 uses the same bound.
     * float16 operands (largest 65504 ≈ e^11.1, smallest normal ≈ e^-9.7): s <= 8, factors in
-      [e^-4, e^4] ≈ [0.018, 55]; with |q|, |k| <= 2^10 the operands stay below 65504, and |q| >= 3e-3
-      stays normal.
+      [e^-4, e^4] ≈ [0.018, 55]; with |q|, |k| <= 2^10 the operands stay below 65504, and any q, k
+      above 3.4e-3 stay normal numbers after the factor.
 
     Each factor exp(G - c) is computed in float64 and rounded once, so its relative error is one
-    rounding however large s is. Entries above the diagonal (j > i) carry exp(G_i - G_j) >= 1, up to e^s,
-    and are dropped with ``torch.where``. Chunks over the bound (strong gates, or huge q, k) fall back
+    rounding however large s is. Entries above the diagonal (j > i) carry exp(G_i - G_j) >= 1, up to e^s
+    (inf/NaN if the product overflows); they are overwritten with zeros (``tril_``, like ``torch.where``;
+    never a multiplication by a 0/1 mask, which would make 0 · inf = NaN). Chunks over the bound (strong gates, or huge q, k) fall back
     to :func:`sub_chunk_scores` with ``diagonal="split"``, recomputed for those chunks only.
 
     Args:
