@@ -178,7 +178,9 @@ def machine() -> dict:
     return info
 
 
-def run(profiles, lengths, include_fla=True, only=None, log=print, profile_kernels=True) -> dict:
+def run(profiles, lengths, include_fla=True, only=None, log=print, profile_kernels=True, on_row=None) -> dict:
+    """Time every method at every (profile, T); on_row(rows) is called after each row (to save
+    partial results: a long run that is cut off keeps what it measured)."""
     from glalearn import flash
 
     bandwidth = copy_bandwidth_gbs()
@@ -200,6 +202,8 @@ def run(profiles, lengths, include_fla=True, only=None, log=print, profile_kerne
                 log(f"{pname} T={T:>5} B={B:>3} {name:<30} fwd {r['forward_ms']:7.3f} ms  fwd+bwd "
                     f"{r['forward_backward_ms']:7.3f} ms  peak {r['forward_backward_peak_mb']:8.0f} MB  "
                     f"(floor {floor:.3f} ms)")
+                if on_row is not None:
+                    on_row(rows)
             torch.cuda.empty_cache()
     breakdown = {}
     if profile_kernels:
@@ -290,9 +294,16 @@ def main(argv=None) -> int:
 
     if args.config:
         flash.CONFIG.update(args.config)
-    result = run(args.profiles, args.lengths, include_fla=not args.no_fla, only=args.only)
+    command = "python -m glalearn.bench kernels " + " ".join(argv if argv is not None else sys.argv[1:])
+
+    def save_partial(rows):
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"rows": rows, "partial": True, "command": command, "config": dict(flash.CONFIG)}, f, indent=1)
+
+    result = run(args.profiles, args.lengths, include_fla=not args.no_fla, only=args.only, on_row=save_partial)
     result["machine"] = machine()
-    result["command"] = "python -m glalearn.bench kernels " + " ".join(argv if argv is not None else sys.argv[1:])
+    result["command"] = command
     print("\n".join(summary(result["rows"])))
     for name, res in result["kernels"].items():
         print(f"{name}: {res}")

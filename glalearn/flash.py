@@ -25,8 +25,9 @@ from glalearn.forms._contract import check_power_of_two, empty_result, validate
 # Launch configuration (measured on the lent H200, kernels/NOTES.md).
 #   bk, bv: channels per block of the chunk-parallel kernels; dqk_bk: of the dq/dk/dg kernel.
 #   state_bk, state_bv: blocks of the sequential state passes (smaller blocks, more programs).
-#   warps / bwd_warps / state_warps: per program of the forward's chunk-parallel kernels / the
-#   backward's / the sequential passes; stages / state_stages: software-pipelining depth.
+#   warps / bwd_warps / state_warps / fused_warps: per program of the forward's chunk-parallel
+#   kernels / the backward's / the sequential passes / the non-materialized forward;
+#   stages / state_stages / fused_stages: their software-pipelining depth.
 #   sub: the sub-chunk length L of the secondary-level (exact) path.
 #   span_max: the largest decay span (nats) inside a chunk for which the intra-chunk scores are one
 #   guarded product (kernels/common.py says why 40 is safe).
@@ -36,9 +37,9 @@ from glalearn.forms._contract import check_power_of_two, empty_result, validate
 # Float32 inputs always get float32 products. Chapter 7 measures the choices; the benchmark tries
 # variants through this dict (or GLALEARN_FLASH_CONFIG='{"warps": 8}' in the environment).
 CONFIG = {"sub": 16, "bk": 64, "bv": 64, "dqk_bk": 64, "state_bk": 32, "state_bv": 32, "warps": 4,
-          "bwd_warps": 4, "state_warps": 4, "stages": 2, "span_max": 40.0, "precision": "bf16",
-          "bwd_state_precision": "bf16", "bwd_precision": "bf16", "bwd_intra_precision": "tf32",
-          "state_stages": 2}
+          "bwd_warps": 8, "state_warps": 4, "stages": 2, "span_max": 40.0, "precision": "bf16",
+          "bwd_state_precision": "bf16", "bwd_precision": "bf16", "bwd_intra_precision": "bf16",
+          "state_stages": 3, "fused_warps": 8, "fused_stages": 3}
 CONFIG.update(json.loads(os.environ.get("GLALEARN_FLASH_CONFIG", "{}")))
 # The last compiled kernel of each name (for its register / spill / shared-memory report on a GPU).
 LAST_COMPILED: dict = {}
@@ -103,8 +104,21 @@ def _precision(dtype: torch.dtype, wanted: str) -> str:
     return wanted
 
 
-def _chunk_states(k, v, g, initial_state, C, SBK, SBV, precision):
-    """h [B, H, N + 1, K, V] float32: h[:, :, n] = the state entering chunk n, h[:, :, N] the final one."""
+def chunk_cumulative_gates(g, C):
+    """G [B, T, H, K] float32: the chunk-local inclusive cumulative sum of g (one parallel launch)."""
+    chunk_state, *_ = _kernels()
+    B, T, H, K = g.shape
+    G = torch.empty(B, T, H, K, dtype=torch.float32, device=g.device)
+    BK = min(64, max(16, _next_power_of_two(K)))
+    LAST_COMPILED["chunk_cumsum_kernel"] = chunk_state.chunk_cumsum_kernel[(-(-K // BK), -(-T // C), B * H)](
+        g, G, T, H=H, K=K, C=C, BK=BK, num_warps=4,
+    )
+    return G
+
+
+def _chunk_states(k, v, G, initial_state, C, SBK, SBV, precision):
+    """h [B, H, N + 1, K, V] float32: h[:, :, n] = the state entering chunk n, h[:, :, N] the final one.
+    G: the chunk-local cumulative gates (``chunk_cumulative_gates``)."""
     chunk_state, *_ = _kernels()
     B, T, H, K = k.shape
     V = v.shape[-1]
@@ -113,15 +127,18 @@ def _chunk_states(k, v, g, initial_state, C, SBK, SBV, precision):
     grid = (-(-K // SBK), -(-V // SBV), B * H)
     h0 = initial_state if initial_state is not None else h
     LAST_COMPILED["chunk_state_kernel"] = chunk_state.chunk_state_kernel[grid](
-        k, v, g, h0, h, T, H=H, K=K, V=V, C=C, BK=SBK, BV=SBV,
-        USE_H0=initial_state is not None, PRECISION=precision,
+        k, v, G, h0, h, T, H=H, K=K, V=V, C=C, BK=SBK, BV=SBV,
+        USE_H0=initial_state is not None, PRECISION=precision, CUMULATIVE=True,
         num_warps=CONFIG["state_warps"], num_stages=CONFIG["state_stages"],
     )
     return h
 
 
 def flash_forward(q, k, v, g, scale, initial_state, chunk_size, materialize, output_final_state):
-    """Run the forward kernels on contiguous inputs. Returns (o [B, T, H, V], final_state or None)."""
+    """Run the forward kernels on contiguous inputs.
+
+    Returns (o [B, T, H, V], final_state or None, G): G the chunk-local cumulative gates the
+    materialized forward computes first (None for the non-materialized one, which scans on-chip)."""
     _, chunk_output, fused_forward, _ = _kernels()
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -130,27 +147,29 @@ def flash_forward(q, k, v, g, scale, initial_state, chunk_size, materialize, out
     BK, BV, SBK, SBV, precision = _config(K, V, q.dtype)
     o = torch.empty_like(v)
     if materialize:
-        h = _chunk_states(k, v, g, initial_state, C, SBK, SBV, precision)
+        G = chunk_cumulative_gates(g, C)
+        h = _chunk_states(k, v, G, initial_state, C, SBK, SBV, precision)
         LAST_COMPILED["chunk_output_kernel"] = chunk_output.chunk_output_kernel[(-(-V // BV), N, B * H)](
-            q, k, v, g, h, o, scale, T, H=H, K=K, V=V, C=C, L=L, BK=BK, BV=BV,
+            q, k, v, G, h, o, scale, T, H=H, K=K, V=V, C=C, L=L, BK=BK, BV=BV, CUMULATIVE=True,
             SPAN_MAX=float(CONFIG["span_max"]), PRECISION=precision, num_warps=_warps("warps", BK, BV),
             num_stages=CONFIG["stages"],
         )
         final = h[:, :, N].contiguous() if output_final_state else None
-        return o, final
+        return o, final, G
     final = torch.empty(B, H, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
     LAST_COMPILED["fused_forward_kernel"] = fused_forward.fused_forward_kernel[(-(-V // BV), B * H)](
         q, k, v, g, initial_state if initial_state is not None else o, o, final if final is not None else o,
         scale, T, H=H, K=K, V=V, C=C, L=L, BK=max(16, _next_power_of_two(K)), BV=BV,
         USE_H0=initial_state is not None, STORE_FINAL=final is not None,
         SPAN_MAX=float(CONFIG["span_max"]), PRECISION=precision,
-        num_warps=_warps("warps", max(16, _next_power_of_two(K)), BV), num_stages=CONFIG["stages"],
+        num_warps=_warps("fused_warps", max(16, _next_power_of_two(K)), BV), num_stages=CONFIG["fused_stages"],
     )
-    return o, final
+    return o, final, None
 
 
-def flash_backward(q, k, v, g, do, dht, scale, initial_state, chunk_size):
-    """Gradients (dq, dk, dv, dg, d initial_state or None) for contiguous inputs and output gradient."""
+def flash_backward(q, k, v, g, do, dht, scale, initial_state, chunk_size, G=None):
+    """Gradients (dq, dk, dv, dg, d initial_state or None) for contiguous inputs and output gradient.
+    G: the chunk-local cumulative gates if the forward kept them (computed here otherwise)."""
     *_, backward = _kernels()
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -161,24 +180,26 @@ def flash_backward(q, k, v, g, do, dht, scale, initial_state, chunk_size):
     state_precision = _precision(q.dtype, CONFIG["bwd_state_precision"])
     precision = _precision(q.dtype, CONFIG["bwd_precision"])
     DBK = min(CONFIG["dqk_bk"], max(16, _next_power_of_two(K)))
-    h = _chunk_states(k, v, g, initial_state, C, SBK, SBV, state_precision)  # recomputed, not stored
+    if G is None:
+        G = chunk_cumulative_gates(g, C)
+    h = _chunk_states(k, v, G, initial_state, C, SBK, SBV, state_precision)  # recomputed, not stored
     dh = torch.empty(B, H, N, K, V, dtype=torch.float32, device=q.device)
     dh0 = torch.empty(B, H, K, V, dtype=torch.float32, device=q.device) if initial_state is not None else None
     LAST_COMPILED["chunk_state_backward_kernel"] = backward.chunk_state_backward_kernel[(-(-K // SBK), -(-V // SBV), B * H)](
-        q, g, do, dht if dht is not None else dh, dh, dh0 if dh0 is not None else dh,
+        q, G, do, dht if dht is not None else dh, dh, dh0 if dh0 is not None else dh,
         scale, T, H=H, K=K, V=V, C=C, BK=SBK, BV=SBV,
-        USE_DHT=dht is not None, STORE_DH0=dh0 is not None, PRECISION=state_precision,
+        USE_DHT=dht is not None, STORE_DH0=dh0 is not None, PRECISION=state_precision, CUMULATIVE=True,
         num_warps=CONFIG["state_warps"], num_stages=CONFIG["state_stages"],
     )
     dv = torch.empty_like(v)
     LAST_COMPILED["chunk_dv_kernel"] = backward.chunk_dv_kernel[(-(-V // BV), N, B * H)](
-        q, k, g, do, dh, dv, scale, T, H=H, K=K, V=V, C=C, L=L, BK=BK, BV=BV,
+        q, k, G, do, dh, dv, scale, T, H=H, K=K, V=V, C=C, L=L, BK=BK, BV=BV, CUMULATIVE=True,
         SPAN_MAX=float(CONFIG["span_max"]), PRECISION=precision, num_warps=_warps("bwd_warps", BK, BV),
         num_stages=CONFIG["stages"],
     )
     dq, dk, dg = torch.empty_like(q), torch.empty_like(k), torch.empty_like(g)
     LAST_COMPILED["chunk_dqkg_kernel"] = backward.chunk_dqkg_kernel[(-(-K // DBK), N, B * H)](
-        q, k, v, g, do, h, dh, dq, dk, dg, scale, T, H=H, K=K, V=V, C=C, L=L, BK=DBK, BV=BV,
+        q, k, v, G, do, h, dh, dq, dk, dg, scale, T, H=H, K=K, V=V, C=C, L=L, BK=DBK, BV=BV, CUMULATIVE=True,
         SPAN_MAX=float(CONFIG["span_max"]), PRECISION=precision,
         INTRA_PRECISION=_precision(q.dtype, CONFIG["bwd_intra_precision"]),
         num_warps=_warps("bwd_warps", DBK, BV), num_stages=CONFIG["stages"],
@@ -187,24 +208,25 @@ def flash_backward(q, k, v, g, do, dht, scale, initial_state, chunk_size):
 
 
 class FlashGLAFunction(torch.autograd.Function):
-    """Autograd around the kernels: saves q, k, v, g and S_0 only (chapter 7)."""
+    """Autograd around the kernels: saves q, k, v, g, S_0 and the cumulative gates G, never chunk
+    states (chapter 7)."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, initial_state, scale, chunk_size, materialize, output_final_state):
-        o, final = flash_forward(q, k, v, g, scale, initial_state, chunk_size, materialize, output_final_state)
-        ctx.save_for_backward(q, k, v, g, initial_state)
+        o, final, G = flash_forward(q, k, v, g, scale, initial_state, chunk_size, materialize, output_final_state)
+        ctx.save_for_backward(q, k, v, g, initial_state, G)
         ctx.scale, ctx.chunk_size = scale, chunk_size
         ctx.set_materialize_grads(False)
         return o, final
 
     @staticmethod
     def backward(ctx, do, dfinal):
-        q, k, v, g, initial_state = ctx.saved_tensors
+        q, k, v, g, initial_state, G = ctx.saved_tensors
         if do is None:
             do = torch.zeros_like(v)
         dq, dk, dv, dg, dh0 = flash_backward(
             q, k, v, g, do.contiguous(), None if dfinal is None else dfinal.float().contiguous(),
-            ctx.scale, initial_state, ctx.chunk_size,
+            ctx.scale, initial_state, ctx.chunk_size, G,
         )
         return dq, dk, dv, dg, dh0, None, None, None, None
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from glalearn.kernels.common import chunk_score_grads, chunk_scores, last_row, load_tile, mm, store_tile
+from glalearn.kernels.common import chunk_score_grads, chunk_scores, load_gate, load_tile, mm, store_tile
 
 
 @triton.jit
@@ -29,7 +29,7 @@ def chunk_state_backward_kernel(
     q, g, do, dht, dh, dh0,  # q, g [B, T, H, K]; do [B, T, H, V]; dht, dh0 [B, H, K, V]; dh [B, H, N, K, V]
     scale, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PRECISION: tl.constexpr,
+    USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PRECISION: tl.constexpr, CUMULATIVE: tl.constexpr = False,
 ):
     """dh[n] = dS_{n+1}, walking the chunks from last to first; dh0 = dS_0."""
     i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
@@ -51,10 +51,8 @@ def chunk_state_backward_kernel(
         n = N - 1 - m
         tl.store(dh_base + n * K * V + state_offsets, d_state, mask=state_mask)
         q_n = load_tile(q_base, n * C, i_k * BK, T, K, H * K, C, BK)
-        g_n = load_tile(g_base, n * C, i_k * BK, T, K, H * K, C, BK)
         do_n = load_tile(do_base, n * C, i_v * BV, T, V, H * V, C, BV)
-        G = tl.cumsum(g_n, axis=0)
-        gamma = last_row(G, C)
+        G, gamma = load_gate(g_base, n * C, i_k * BK, T, K, H * K, C, BK, CUMULATIVE)
         q_decayed = scale * q_n * tl.exp(G)
         d_state = mm(tl.trans(q_decayed), do_n, d_state * tl.exp(gamma)[:, None], PRECISION)
     if STORE_DH0:
@@ -66,7 +64,7 @@ def chunk_dv_kernel(
     q, k, g, do, dh, dv,  # q, k, g [B, T, H, K]; do, dv [B, T, H, V]; dh [B, H, N, K, V] float32
     scale, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     C: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    SPAN_MAX: tl.constexpr, PRECISION: tl.constexpr,
+    SPAN_MAX: tl.constexpr, PRECISION: tl.constexpr, CUMULATIVE: tl.constexpr = False,
 ):
     """dV_n = (K_n ⊙ exp(γ_n - G_n)) dS_{n+1} + scale · P_n^T dO_n: the output kernel, transposed."""
     i_v, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
@@ -85,9 +83,7 @@ def chunk_dv_kernel(
     for i_k in range(tl.cdiv(K, BK)):
         q_n = load_tile(q_base, row0, i_k * BK, T, K, H * K, C, BK)
         k_n = load_tile(k_base, row0, i_k * BK, T, K, H * K, C, BK)
-        g_n = load_tile(g_base, row0, i_k * BK, T, K, H * K, C, BK)
-        G = tl.cumsum(g_n, axis=0)
-        gamma = last_row(G, C)
+        G, gamma = load_gate(g_base, row0, i_k * BK, T, K, H * K, C, BK, CUMULATIVE)
         rk = i_k * BK + tl.arange(0, BK)
         dS = tl.load(dh_base + rk[:, None] * V + rv[None, :], mask=(rk < K)[:, None] & (rv < V)[None, :], other=0.0)
         inter = mm(k_n * tl.exp(gamma[None, :] - G), dS, inter, PRECISION)
@@ -103,6 +99,7 @@ def chunk_dqkg_kernel(
     scale, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     C: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     SPAN_MAX: tl.constexpr, PRECISION: tl.constexpr, INTRA_PRECISION: tl.constexpr,
+    CUMULATIVE: tl.constexpr = False,
 ):
     """dq, dk and dg for one (K block, chunk, head); the V dimension is walked in blocks.
 
@@ -117,9 +114,7 @@ def chunk_dqkg_kernel(
     row0 = i_n * C
     q_n = load_tile(q + off_k, row0, i_k * BK, T, K, H * K, C, BK)
     k_n = load_tile(k + off_k, row0, i_k * BK, T, K, H * K, C, BK)
-    g_n = load_tile(g + off_k, row0, i_k * BK, T, K, H * K, C, BK)
-    G = tl.cumsum(g_n, axis=0)
-    gamma = last_row(G, C)
+    G, gamma = load_gate(g + off_k, row0, i_k * BK, T, K, H * K, C, BK, CUMULATIVE)
     rk = i_k * BK + tl.arange(0, BK)
     h_base = h + (i_bh * (N + 1) + i_n) * K * V  # S_n
     dh_base = dh + (i_bh * N + i_n) * K * V  # dS_{n+1}

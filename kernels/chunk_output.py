@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from glalearn.kernels.common import chunk_scores, load_tile, mm, store_tile
+from glalearn.kernels.common import chunk_scores, load_gate, load_tile, mm, store_tile
 
 
 @triton.jit
@@ -22,7 +22,7 @@ def chunk_output_kernel(
     q, k, v, g, h, o,  # q, k, g [B, T, H, K]; v, o [B, T, H, V]; h [B, H, N + 1, K, V] float32
     scale, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     C: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    SPAN_MAX: tl.constexpr, PRECISION: tl.constexpr,
+    SPAN_MAX: tl.constexpr, PRECISION: tl.constexpr, CUMULATIVE: tl.constexpr = False,
 ):
     i_v, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
@@ -40,8 +40,7 @@ def chunk_output_kernel(
     for i_k in range(tl.cdiv(K, BK)):
         q_n = load_tile(q_base, row0, i_k * BK, T, K, H * K, C, BK)
         k_n = load_tile(k_base, row0, i_k * BK, T, K, H * K, C, BK)
-        g_n = load_tile(g_base, row0, i_k * BK, T, K, H * K, C, BK)
-        G = tl.cumsum(g_n, axis=0)
+        G, _ = load_gate(g_base, row0, i_k * BK, T, K, H * K, C, BK, CUMULATIVE)
         qe = q_n * tl.exp(G)  # <= |q|: the past through S_n, and the chunk's own scores
         rk = i_k * BK + tl.arange(0, BK)
         S = tl.load(h_base + rk[:, None] * V + rv[None, :], mask=(rk < K)[:, None] & (rv < V)[None, :], other=0.0)

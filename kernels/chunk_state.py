@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from glalearn.kernels.common import last_row, load_tile, mm
+from glalearn.kernels.common import load_gate, load_tile, mm, store_tile
 
 
 @triton.jit
@@ -22,8 +22,9 @@ def chunk_state_kernel(
     k, v, g, h0, h,  # pointers: k, g [B, T, H, K]; v [B, T, H, V]; h0 [B, H, K, V]; h [B, H, N + 1, K, V]
     T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    USE_H0: tl.constexpr, PRECISION: tl.constexpr,
+    USE_H0: tl.constexpr, PRECISION: tl.constexpr, CUMULATIVE: tl.constexpr = False,
 ):
+    """CUMULATIVE: g holds G, the chunk-local cumulative gates (``chunk_cumsum_kernel``), not g."""
     i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     N = tl.cdiv(T, C)
@@ -43,10 +44,23 @@ def chunk_state_kernel(
     for n in range(N):
         tl.store(h_base + n * K * V + state_offsets, state, mask=state_mask)
         k_n = load_tile(k_base, n * C, i_k * BK, T, K, H * K, C, BK)
-        g_n = load_tile(g_base, n * C, i_k * BK, T, K, H * K, C, BK)
         v_n = load_tile(v_base, n * C, i_v * BV, T, V, H * V, C, BV)
-        G = tl.cumsum(g_n, axis=0)  # chunk-local cumulative log decay
-        gamma = last_row(G, C)  # log decay over the whole chunk, [BK]
+        # G: chunk-local cumulative log decay; gamma: the log decay over the whole chunk, [BK]
+        G, gamma = load_gate(g_base, n * C, i_k * BK, T, K, H * K, C, BK, CUMULATIVE)
         k_decayed = k_n * tl.exp(gamma[None, :] - G)  # exp(γ - G_j) <= 1
         state = mm(tl.trans(k_decayed), v_n, state * tl.exp(gamma)[:, None], PRECISION)
     tl.store(h_base + N * K * V + state_offsets, state, mask=state_mask)
+
+
+@triton.jit
+def chunk_cumsum_kernel(
+    g, G,  # g [B, T, H, K] (any float dtype); G [B, T, H, K] float32
+    T, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+):
+    """G = the chunk-local inclusive cumulative sum of g, every chunk at once (one program per
+    (K block, chunk, head)). Written once, it spares every later kernel the scan along the chunk."""
+    i_k, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    offset = (i_b * T * H + i_h) * K
+    x = load_tile(g + offset, i_n * C, i_k * BK, T, K, H * K, C, BK)
+    store_tile(G + offset, tl.cumsum(x, axis=0), i_n * C, i_k * BK, T, K, H * K, C, BK)

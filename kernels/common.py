@@ -54,6 +54,29 @@ def last_row(x, ROWS: tl.constexpr):
 
 
 @triton.jit
+def load_gate(g_base, row0, col0, T, D, stride_t, ROWS: tl.constexpr, COLS: tl.constexpr,
+              CUMULATIVE: tl.constexpr):
+    """G (the chunk-local inclusive cumulative log decay, [ROWS, COLS]) and γ (G at the chunk's last
+    valid row, [COLS]) of the chunk starting at row0. Rows past T continue γ (no decay there).
+
+    CUMULATIVE=False: g_base points to the gates g; the cumulative sum is taken here (a scan along
+    the chunk, and a reduction for γ). CUMULATIVE=True: g_base points to G, written once by
+    ``chunk_cumsum_kernel``: two loads, no scan — what the sequential passes want on their critical path.
+    """
+    if CUMULATIVE:
+        G = load_tile(g_base, row0, col0, T, D, stride_t, ROWS, COLS)
+        cols = col0 + tl.arange(0, COLS)
+        last = tl.minimum(row0 + ROWS, T) - 1
+        gamma = tl.load(g_base + last * stride_t + cols, mask=cols < D, other=0.0).to(tl.float32)
+        rows = row0 + tl.arange(0, ROWS)
+        G = tl.where((rows < T)[:, None], G, gamma[None, :])
+    else:
+        G = tl.cumsum(load_tile(g_base, row0, col0, T, D, stride_t, ROWS, COLS), axis=0)
+        gamma = last_row(G, ROWS)
+    return G, gamma
+
+
+@triton.jit
 def sub_chunk_ends(G, C: tl.constexpr, L: tl.constexpr, BK: tl.constexpr):
     """G at the first row (F) and last row (E) of each sub-chunk: two [C / L, BK] tiles."""
     NS: tl.constexpr = C // L
