@@ -23,9 +23,10 @@ import torch
 from glalearn.forms._contract import check_power_of_two, empty_result, validate
 
 # Launch configuration (measured on the lent H200, kernels/NOTES.md).
-#   bk, bv: channels per block of the chunk-parallel kernels; dqk_bk: of the dq/dk/dg kernel.
+#   bk, bv: channels per block of the chunk-parallel kernels (wide_head_block for heads wider than
+#   128); dqk_bk: of the dq/dk/dg kernel.
 #   state_bk, state_bv: blocks of the sequential state passes (smaller blocks, more programs).
-#   warps / bwd_warps / state_warps / fused_warps: per program of the forward's chunk-parallel
+#   warps / bwd_warps / state_warps / fused_warps (wide_warps at least, for 128-wide blocks): per program of the forward's chunk-parallel
 #   kernels / the backward's / the sequential passes / the non-materialized forward;
 #   stages / state_stages / fused_stages: their software-pipelining depth.
 #   sub: the sub-chunk length L of the secondary-level (exact) path.
@@ -36,10 +37,10 @@ from glalearn.forms._contract import check_power_of_two, empty_result, validate
 #   bwd_intra_precision: of the intra-chunk score gradients, which cancel in the gate gradient.
 # Float32 inputs always get float32 products. Chapter 7 measures the choices; the benchmark tries
 # variants through this dict (or GLALEARN_FLASH_CONFIG='{"warps": 8}' in the environment).
-CONFIG = {"sub": 16, "bk": 64, "bv": 64, "dqk_bk": 64, "state_bk": 32, "state_bv": 32, "warps": 4,
+CONFIG = {"sub": 16, "bk": 128, "bv": 128, "dqk_bk": 64, "state_bk": 32, "state_bv": 32, "warps": 4, "wide_warps": 8,
           "bwd_warps": 8, "state_warps": 4, "stages": 2, "span_max": 40.0, "precision": "bf16",
           "bwd_state_precision": "bf16", "bwd_precision": "bf16", "bwd_intra_precision": "bf16",
-          "state_stages": 3, "fused_warps": 8, "fused_stages": 3}
+          "state_stages": 3, "fused_warps": 8, "fused_stages": 3, "wide_head_block": 64}
 CONFIG.update(json.loads(os.environ.get("GLALEARN_FLASH_CONFIG", "{}")))
 # The last compiled kernel of each name (for its register / spill / shared-memory report on a GPU).
 LAST_COMPILED: dict = {}
@@ -75,20 +76,29 @@ def _check_device(q: torch.Tensor) -> None:
 
 
 def _config(K: int, V: int, dtype: torch.dtype):
-    BK = min(CONFIG["bk"], max(16, _next_power_of_two(K)))
-    BV = min(CONFIG["bv"], max(16, _next_power_of_two(V)))
+    """Blocks (BK, BV of the chunk-parallel kernels, SBK, SBV of the state passes) and precision.
+
+    Heads up to 128 channels take blocks of CONFIG["bk"] x CONFIG["bv"] (128: one block holds the
+    whole head, P is built once per chunk); wider heads take CONFIG["wide_head_block"] (64): on the
+    H200 the model benchmark's K = 128, V = 256 heads trained at 167k tokens/s with 64-blocks and at
+    85k with 128-blocks (glalearn/assets/results/bench_model.json, kernels/NOTES.md)."""
+    bk, bv = (CONFIG["bk"], CONFIG["bv"]) if max(K, V) <= 128 else (CONFIG["wide_head_block"],) * 2
+    BK = min(bk, max(16, _next_power_of_two(K)))
+    BV = min(bv, max(16, _next_power_of_two(V)))
     SBK = min(CONFIG["state_bk"], max(16, _next_power_of_two(K)))
     SBV = min(CONFIG["state_bv"], max(16, _next_power_of_two(V)))
-    # float32 inputs: exact float32 products. 16-bit inputs: tf32 tensor cores (10-bit mantissa) in
-    # the forward, which keeps the rounding under the bf16 output's own.
     return BK, BV, SBK, SBV, _precision(dtype, CONFIG["precision"])
 
 
 def _warps(key: str, *blocks: int) -> int:
-    """CONFIG[key] warps, but 8 where a 32-wide block would run with 4 warps: on Hopper with Triton
-    3.6 those chunk-parallel kernels hit a compiler bug (illegal memory accesses; we saw them with
-    BV = 32 and with dqk_bk = 32 at 4 warps; fla's autotuner excludes the same case, Triton issue 11366)."""
+    """CONFIG[key] warps; CONFIG["wide_warps"] where a block is 128 channels wide or more (the
+    tiles need the registers of more threads); and 8 where a 32-wide block would run with 4 warps:
+    on Hopper with Triton 3.6 those chunk-parallel kernels hit a compiler bug (illegal memory accesses;
+    we saw them with BV = 32 and with dqk_bk = 32 at 4 warps; fla's autotuner excludes the same case,
+    Triton issue 11366)."""
     n = CONFIG[key]
+    if max(blocks) >= 128:
+        n = max(n, CONFIG["wide_warps"])
     return 8 if n == 4 and 32 in blocks else n
 
 
