@@ -12,7 +12,7 @@ PORT   ?= 8888
 LAB_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: lab test test-unit test-notebooks test-browser book exercises bench clean-venv
+.PHONY: lab test test-unit test-slow test-notebooks test-browser book exercises bench clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,8 +35,15 @@ test: $(STAMP)
 	TRITON_INTERPRET=1 MPLBACKEND=Agg $(PY) -m pytest -q $(NBVAL) tests $(NOTEBOOKS) $(PYTEST_ARGS)
 
 # Library, kernel and exercise tests only, without the notebooks (nor the browser test).
+# The unit tests: the library, the kernels in the interpreter, the checks (no notebooks, no browser, no
+# test marked slow: those execute whole notebooks or launch several processes). `make test` runs all.
 test-unit: $(STAMP)
-	TRITON_INTERPRET=1 $(PY) -m pytest -q tests --ignore=tests/browser $(PYTEST_ARGS)
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests --ignore=tests/browser -m "not slow" $(PYTEST_ARGS)
+
+# The slow tests left out of test-unit: the grader executing every notebook, torchrun with 2 ranks,
+# the scaling driver, `make lab` serving JupyterLab, the experiments' command line.
+test-slow: $(STAMP)
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests --ignore=tests/browser -m slow $(PYTEST_ARGS)
 
 # Chapter 1 and exercise 1 in JupyterLab, driven in Debian's Chromium by Playwright (installs chromium
 # with apt-get when missing; never downloads a browser). Screenshots: test-artifacts/browser/.

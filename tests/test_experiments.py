@@ -188,6 +188,7 @@ def test_same_data_for_every_mixer():
     assert all(torch.equal(a, b) for a, b in zip(seen["gla"], seen["none"])) and len(seen["gla"]) == preset.steps
 
 
+@pytest.mark.slow
 def test_cli_micro(tmp_path):
     out, ckpt = tmp_path / "r.json", tmp_path / "gla.safetensors"
     cmd = [sys.executable, "-m", "glalearn.experiments", "recall", "--preset", "micro", "--out", str(out),

@@ -20,6 +20,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 def test_scaling_driver_runs_on_cpu_and_merges_one_json(tmp_path):
     """run-all launches torchrun itself (1 rank, 2 ranks, 1 rank accumulating 2) and writes one JSON."""
     cmd = [sys.executable, "-m", "glalearn.scaling", "run-all", "--gpus", "2", "--out", str(tmp_path), "--device",

@@ -130,6 +130,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     assert [r["loss"] for r in acc["steps"]] == pytest.approx([r["loss"] for r in one["steps"]], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_match_one_process(tmp_path):
     """Issue 9: DDP with gloo on CPU, each rank its rows of the global batch, = one process."""
     import os
@@ -226,6 +227,7 @@ def test_own_corpus_errors_name_the_argument(tmp_path, one_thread):
               progress=False)
 
 
+@pytest.mark.slow
 def test_torchrun_fsdp2_matches_one_process_and_checkpoints_round_trip(tmp_path, one_thread):
     """FSDP2 (fully_shard per block) with gloo on CPU: 2 ranks resume a 1-process checkpoint, accumulate 2
     micro-batches each, and write a checkpoint that one process loads and resumes: every loss and weight
