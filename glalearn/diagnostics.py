@@ -261,11 +261,21 @@ def _check_device(triton_version: str | None, env=None) -> tuple[Finding, str]:
             "on the CPU in the Triton interpreter (set TRITON_INTERPRET=1)")
 
 
+def _project_relative(path: str) -> str:
+    """path relative to the project folder when it lies inside it (e.g. .venv/bin/python), else as is:
+    the report (and chapter 0's committed output) then names no machine's folders."""
+    root = Path(__file__).absolute().parents[1]
+    try:
+        return str(Path(path).absolute().relative_to(root))
+    except ValueError:
+        return path
+
+
 def diagnose(env=None) -> DoctorReport:
     """Look at this machine and return a :class:`DoctorReport` without printing anything (chapter 0)."""
     report = DoctorReport()
     py = sys.version_info
-    py_text = f"{py.major}.{py.minor}.{py.micro} ({sys.executable})"
+    py_text = f"{py.major}.{py.minor}.{py.micro} ({_project_relative(sys.executable)})"
     if (py.major, py.minor) < MINIMUM["python"]:
         report.findings.append(Finding("python", py_text, problem="Python 3.10 or newer is needed",
                                        fix="install Python >= 3.10, then: make clean-venv && make lab"))

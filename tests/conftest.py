@@ -12,3 +12,12 @@ def _fresh_torch_state():
     """Each test draws its own fresh random inputs; threads kept to the machine's cores."""
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one thread is several times faster than two on a loaded 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -77,13 +77,6 @@ def test_scalar_and_fixed_gates_are_constrained_vector_gates():
     assert torch.equal(GatedLinearAttention(32, 4, gate="none").log_gate(x), torch.zeros(2, 9, 4, 4))
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models: one thread is several times faster than two on a loaded 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_tiny_mqar_training_beats_chance(one_thread):

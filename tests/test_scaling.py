@@ -11,15 +11,6 @@ import torch
 from glalearn import scaling
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models: one thread is several times faster than two on a loaded 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.slow
 def test_scaling_driver_runs_on_cpu_and_merges_one_json(tmp_path):
     """run-all launches torchrun itself (1 rank, 2 ranks, 1 rank accumulating 2) and writes one JSON."""

@@ -158,13 +158,6 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
 
 
 # ----------------------------------------------------------------------------- issue 9: your own corpus, FSDP2
-@pytest.fixture
-def one_thread():
-    """Tiny models: one thread is several times faster than two on a loaded 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _corpus_text(seed: int, n_words: int = 1500) -> str:
