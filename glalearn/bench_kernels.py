@@ -126,12 +126,19 @@ def kernel_breakdown(name, fn, B, T, H, K, V, passes=3) -> dict:
     args = _args_for(name, B, T, H, K, V, 0)
     grads = [x.detach().requires_grad_() if x is not None else None for x in args]
     do = torch.randn_like(fn(*grads))
-    for _ in range(2):
+
+    def fwd_bwd():
+        for x in grads:  # as in time_method: no gradient accumulation (no extra add kernels)
+            if x is not None:
+                x.grad = None
         fn(*grads).backward(do)
+
+    for _ in range(2):
+        fwd_bwd()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(passes):
-            fn(*grads).backward(do)
+            fwd_bwd()
         torch.cuda.synchronize()
     out = {}
     for ev in prof.key_averages():
