@@ -1,5 +1,6 @@
 """Every GLA form against the float64 recurrent reference (DESIGN.md §2), values and gradients."""
 
+import functools
 import itertools
 
 import pytest
@@ -76,21 +77,27 @@ GRAD_FORMS = ["chunk", "chunk_16", "two_level", "two_level_split", "two_level_gu
               "recurrent"]
 
 
-@pytest.mark.parametrize("form", GRAD_FORMS)
-@pytest.mark.parametrize("T,norm,KV", [(1, 1.0, (16, 16)), (63, 0.1, (16, 60)), (130, 16.0, (60, 16)), (200, 0.1, (64, 100)),
-                                       (65, 1.0, (64, 64))])
-def test_gradients_match_float64_autograd(form, T, norm, KV):
-    K, V = KV
-    inputs = random_gla_inputs(B=2, T=T, H=2, K=K, V=V, gate_normalizer=norm, initial_state=True)
+def gradients_vs_float64(form, inputs):
+    """[(name, gradient of form in float32, gradient of recurrent_gla in float64)] for a random loss
+    on o and S_T."""
     names = list(inputs)
     x64 = {n: t.double().requires_grad_() for n, t in inputs.items()}
     o, s = recurrent_gla(**x64, output_final_state=True)
     do, ds = torch.randn_like(o), torch.randn_like(s)
     ref = torch.autograd.grad((o * do).sum() + (s * ds).sum(), [x64[n] for n in names])
     x32 = {n: t.detach().clone().requires_grad_() for n, t in inputs.items()}
-    o, s = FORMS[form](**x32, output_final_state=True)
+    o, s = form(**x32, output_final_state=True)
     got = torch.autograd.grad((o * do.float()).sum() + (s * ds.float()).sum(), [x32[n] for n in names])
-    for name, a, b in zip(names, got, ref):
+    return list(zip(names, got, ref))
+
+
+@pytest.mark.parametrize("form", GRAD_FORMS)
+@pytest.mark.parametrize("T,norm,KV", [(1, 1.0, (16, 16)), (63, 0.1, (16, 60)), (130, 16.0, (60, 16)), (200, 0.1, (64, 100)),
+                                       (65, 1.0, (64, 64))])
+def test_gradients_match_float64_autograd(form, T, norm, KV):
+    K, V = KV
+    inputs = random_gla_inputs(B=2, T=T, H=2, K=K, V=V, gate_normalizer=norm, initial_state=True)
+    for name, a, b in gradients_vs_float64(FORMS[form], inputs):
         assert relative_rmse(a, b) <= 1e-5, f"d{name}: {relative_rmse(a, b):.2e}"
 
 
@@ -267,15 +274,8 @@ def test_guarded_takes_the_product_under_the_bound_and_falls_back_over_it(mild_c
 
 def test_guarded_gradients_with_chunks_on_both_paths():
     inputs = guarded_inputs([5.0, 200.0, 60.0, 70.0], K=24, V=16, mild_channels=True, seed=3)
-    names = list(inputs)
-    x64 = {n: t.double().requires_grad_() for n, t in inputs.items()}
-    o, s = recurrent_gla(**x64, output_final_state=True)
-    do, ds = torch.randn_like(o), torch.randn_like(s)
-    ref = torch.autograd.grad((o * do).sum() + (s * ds).sum(), [x64[n] for n in names])
-    x32 = {n: t.detach().clone().requires_grad_() for n, t in inputs.items()}
-    o, s = two_level_chunk_gla(**x32, diagonal="guarded", output_final_state=True)
-    got = torch.autograd.grad((o * do.float()).sum() + (s * ds.float()).sum(), [x32[n] for n in names])
-    for name, a, b in zip(names, got, ref):
+    guarded = functools.partial(two_level_chunk_gla, diagonal="guarded")
+    for name, a, b in gradients_vs_float64(guarded, inputs):
         assert torch.isfinite(a).all() and relative_rmse(a, b) <= 1e-5, f"d{name}: {relative_rmse(a, b):.2e}"
 
 
