@@ -79,9 +79,11 @@ def _config(K: int, V: int, dtype: torch.dtype):
     """Blocks (BK, BV of the chunk-parallel kernels, SBK, SBV of the state passes) and precision.
 
     Heads up to 128 channels take blocks of CONFIG["bk"] x CONFIG["bv"] (128: one block holds the
-    whole head, P is built once per chunk); wider heads take CONFIG["wide_head_block"] (64): on the
-    H200 the model benchmark's K = 128, V = 256 heads trained at 167k tokens/s with 64-blocks and at
-    85k with 128-blocks (glalearn/assets/results/bench_model.json, kernels/NOTES.md)."""
+    whole head, P is built once per chunk); wider heads take CONFIG["wide_head_block"] (64). That
+    choice was measured when the GLA layer still handed the kernels float32 q, k, v (exact float32
+    products): 167k tokens/s with 64-blocks against 85k with 128-blocks for the model benchmark's
+    K = 128, V = 256 heads. With bf16 inputs (the layer's behaviour since) 128-blocks measured 3%
+    faster on the H200 (310.9k vs 301.1k tokens/s at T = 4096); kernels/NOTES.md has both."""
     bk, bv = (CONFIG["bk"], CONFIG["bv"]) if max(K, V) <= 128 else (CONFIG["wide_head_block"],) * 2
     BK = min(bk, max(16, _next_power_of_two(K)))
     BV = min(bv, max(16, _next_power_of_two(V)))

@@ -164,14 +164,22 @@ class GatedLinearAttention(nn.Module):
             return self.fixed_log_decay.to(x.device, torch.float32)[:, None].expand(*lead, H, dk)
         return x.new_zeros((*lead, H, dk), dtype=torch.float32)
 
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """q, k, g [..., H, d_k] and v [..., H, d_v] for tokens x [..., d_model] (float32 for the forms)."""
+    def project(self, x: torch.Tensor, keep_dtype: bool = False) -> tuple[torch.Tensor, ...]:
+        """q, k, g [..., H, d_k] and v [..., H, d_v] for tokens x [..., d_model].
+
+        q, k, v are float32 for the PyTorch forms; with ``keep_dtype`` they stay in the dtype the
+        projections produce (bfloat16 under autocast), which the flash kernels take directly: their
+        products then run on bf16 tensor cores instead of in exact float32, and q, k, v, o move half
+        the bytes. g is always float32 (a log gate's precision decides the decay over a whole chunk).
+        """
         lead = x.shape[:-1]
         H = self.num_heads
         q = self.q_proj(x).reshape(*lead, H, self.head_k_dim)
         k = self.k_proj(x).reshape(*lead, H, self.head_k_dim)
         v = self.v_proj(x).reshape(*lead, H, self.head_v_dim)
-        return q.float(), k.float(), v.float(), self.log_gate(x)
+        if not keep_dtype:
+            q, k, v = q.float(), k.float(), v.float()
+        return q, k, v, self.log_gate(x)
 
     def finish(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         """Per-head RMSNorm, Swish output gate and output projection: o [..., H, d_v] -> [..., d_model]."""
@@ -186,8 +194,10 @@ class GatedLinearAttention(nn.Module):
         """
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must be [B, T, d_model={self.d_model}], got shape {tuple(x.shape)}")
-        q, k, v, g = self.project(x)
         backend = resolve_backend(self.backend, x.device)
+        # The kernels take bf16/fp16 q, k, v as they come (float32 state and gates inside); the PyTorch
+        # forms compute in float32.
+        q, k, v, g = self.project(x, keep_dtype=backend == "flash")
         # The forms choose their own precision (float32 states, matmul_dtype): autocast stays outside.
         with torch.autocast(x.device.type, enabled=False):
             if backend == "chunk" and not self.check_inputs and x.shape[1] > 0:

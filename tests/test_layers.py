@@ -131,3 +131,29 @@ def test_flash_backend_agrees_with_chunk(gate):
     ref = layer(x)
     layer.backend = "flash"
     assert relative_rmse(layer(x), ref) < 1e-4  # DESIGN.md: Triton interpreter in float32 <= 1e-4
+
+
+@pytest.mark.skipif(not flash_available(), reason="glalearn.flash_gla not importable")
+def test_flash_backend_takes_autocast_dtype(monkeypatch):
+    """Under bf16 autocast the kernels get bf16 q, k, v (tensor-core products) and a float32 gate;
+    the PyTorch forms still get float32. The output agrees with the float32 chunk form to bf16 accuracy."""
+    import glalearn.layers as layers
+
+    seen = {}
+    real = layers._flash_form()
+
+    def spy(q, k, v, g, **kwargs):
+        seen.update(q=q.dtype, k=k.dtype, v=v.dtype, g=g.dtype)
+        return real(q, k, v, g, **kwargs)
+
+    monkeypatch.setattr(layers, "_flash_form", lambda: spy)
+    layer = _layer("vector")
+    x = torch.randn(2, 37, 32)
+    ref = layer(x)  # auto on CPU: a float32 PyTorch form
+    layer.backend = "flash"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert seen == {"q": torch.bfloat16, "k": torch.bfloat16, "v": torch.bfloat16, "g": torch.float32}
+    assert relative_rmse(y.float(), ref) < 2e-2
+    qf, *_ = layer.project(x)
+    assert qf.dtype == torch.float32
