@@ -41,6 +41,10 @@ class LMConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # Kernel size of a causal depthwise convolution over the mixer's input (0: none). Zoology's recall
+    # models put one beside every mixer; chapter 10 uses it so that binding a value to the key just
+    # before it is not what a mixer has to learn first. Parallel forms only: no recurrent step.
+    short_conv: int = 0
     model_type: str = field(default="", init=False)
 
     def __post_init__(self):
@@ -52,6 +56,8 @@ class LMConfig:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if isinstance(self.short_conv, bool) or not isinstance(self.short_conv, int) or self.short_conv < 0:
+            raise ValueError(f"short_conv must be an int >= 0 (a kernel size, 0 for none), got {self.short_conv!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -161,9 +167,23 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.ffn = SwiGLU(config.d_model, config.ffn_hidden)
         self.dropout = nn.Dropout(config.dropout)
+        self.short_conv = config.short_conv
+        if self.short_conv:
+            self.conv = nn.Conv1d(config.d_model, config.d_model, self.short_conv, groups=config.d_model,
+                                  padding=self.short_conv - 1, bias=False)
+
+    def _convolve(self, h: torch.Tensor) -> torch.Tensor:
+        """h + the causal depthwise convolution of h (token t sees t - kernel + 1 .. t): [B, T, d]."""
+        T = h.shape[1]
+        return h + self.conv(h.transpose(1, 2))[..., :T].transpose(1, 2)
 
     def forward(self, x: torch.Tensor, state=None, output_final_state: bool = False):
         h = self.mixer_norm(x)
+        if self.short_conv:
+            if state is not None:
+                raise NotImplementedError("a block with short_conv > 0 cannot continue from a state: the "
+                                          "convolution's window over the previous segment is not cached")
+            h = self._convolve(h)
         if output_final_state or state is not None:
             h, state = self.mixer(h, state=state, output_final_state=True)
         else:
@@ -174,6 +194,9 @@ class Block(nn.Module):
 
     def step(self, x_t: torch.Tensor, state: torch.Tensor):
         """One token through the block (GLA only): x_t [B, d], state [B, H, d_k, d_v]."""
+        if self.short_conv:
+            raise NotImplementedError("recurrent steps of a model with short_conv > 0 are not supported: "
+                                      "use the parallel forward (the convolution's window is not cached)")
         h, state = self.mixer.step(self.mixer_norm(x_t), state)
         x_t = x_t + h
         return x_t + self.ffn(self.ffn_norm(x_t)), state
@@ -223,13 +246,21 @@ class CausalLM(nn.Module):
             got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise ValueError(f"input_ids must be an integer tensor [B, T], got {got}")
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """logits [B, T, vocab] (float32 under autocast too) for input_ids [B, T]."""
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The final normalized hidden states [B, T, d_model] that the head maps to logits.
+
+        For tasks that score a few positions only (MQAR, chapter 10): ``lm_head(h[mask])`` costs the
+        head's product for those positions instead of all B·T of them.
+        """
         self._check_ids(input_ids)
         x = self.dropout(self.embed(input_ids.long()))
         for block in self.blocks:
             x = block(x)
-        return self.lm_head(self.norm(x)).float()
+        return self.norm(x)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """logits [B, T, vocab] (float32 under autocast too) for input_ids [B, T]."""
+        return self.lm_head(self.hidden_states(input_ids)).float()
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy (nats per token) of predicting targets [B, T] from input_ids [B, T]."""

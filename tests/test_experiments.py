@@ -196,6 +196,19 @@ def test_cli_micro(tmp_path):
     batch = mqar_batch(4, 16, 2, 16, seed=0)
     assert model(batch.inputs).shape == (4, 16, 16)
 
+    # --jobs 2: the same runs (two processes, merged back into grid order), and the same checkpoint
+    out2, ckpt2 = tmp_path / "r2.json", tmp_path / "gla2.safetensors"
+    cmd = [sys.executable, "-m", "glalearn.experiments", "recall", "--preset", "micro", "--out", str(out2),
+           "--checkpoint", str(ckpt2), "--checkpoint-run", "gla,16,2", "--quiet", "--jobs", "2"]
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr
+    data2 = json.loads(out2.read_text())
+    ex.validate_results(data2)
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("wall_s", "cpu_s")}
+    assert [strip(r) for r in data2["runs"]] == [strip(r) for r in data["runs"]] and data2["jobs"] == 2
+    m1, m2 = ex.load_recall_checkpoint(ckpt)[0].state_dict(), ex.load_recall_checkpoint(ckpt2)[0].state_dict()
+    assert m1.keys() == m2.keys() and all(torch.equal(m1[k], m2[k]) for k in m1)
+
     out = tmp_path / "a.json"
     cmd = [sys.executable, "-m", "glalearn.experiments", "ablation", "--preset", "micro", "--out", str(out), "--quiet"]
     done = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=tmp_path, timeout=600)
@@ -229,6 +242,20 @@ def test_committed_results(name):
         assert sorted(r["name"] for r in data["runs"]) == sorted(n for n, _, _ in ex.ABLATION_PRESETS["cpu"].variants)
 
 
+def test_committed_gpu_recall_results():
+    """Chapter 10 §2b: the gpu preset's grid as run on a lent GPU, by the module's command, every cell once."""
+    data = ex.load_results("recall_gpu.json")
+    p = ex.RECALL_PRESETS["gpu"]
+    assert data["preset"] == "gpu" and data["machine"]["device"].startswith("cuda") and "gpu" in data["machine"]
+    assert data["settings"] == json.loads(json.dumps(p.to_dict())) and data["jobs"] > 1
+    assert "--jobs" in data["command"] and "/root" not in data["command"]
+    assert sorted(r["grid_index"] for r in data["runs"]) == list(range(len(data["runs"])))
+    cells = [(r["mixer"], r["width"], r["num_pairs"], r["seed"], r["lr"]) for r in data["runs"]]
+    assert sorted(cells) == sorted((m, w, n, s, lr) for m in p.mixers for w in p.widths for n in p.num_pairs
+                                   for s in p.seeds for lr in p.lrs)
+    assert all(r["curve"][-1]["step"] == p.steps for r in data["runs"])
+
+
 def test_committed_checkpoint_loads_and_recalls():
     path = ROOT / "glalearn" / "assets" / "recall_gla.safetensors"
     assert path.stat().st_size < 1_000_000
@@ -260,3 +287,51 @@ def test_chapter_10_exercise_references_match_the_library():
     asked_slots = (b.query_positions - 12) // 2
     inputs, targets = mqar_layout(b.keys, b.values, torch.zeros_like(asked_slots), asked_slots, 40)
     assert torch.equal(inputs[:, :12], b.inputs[:, :12]) and (targets != IGNORE).sum() == b.query_positions.numel()
+
+
+def test_query_logits_give_the_full_logits_loss_and_accuracy():
+    """Training and evaluation score the queried positions only: the same numbers as on full logits."""
+    preset = ex.RECALL_PRESETS["micro"]
+    torch.manual_seed(torch.randint(0, 2**31 - 1, ()).item())
+    model = ex.recall_model("gla", 16, preset)
+    batch = mqar_batch(6, 16, 2, 16, generator=torch.Generator().manual_seed(torch.randint(0, 10**6, ()).item()))
+    logits, labels = ex._query_logits(model, batch.inputs, batch.targets)
+    full = model(batch.inputs)
+    assert logits.shape == (int((batch.targets != IGNORE).sum()), 16)
+    want = torch.nn.functional.cross_entropy(full.reshape(-1, 16), batch.targets.reshape(-1), ignore_index=IGNORE)
+    assert torch.allclose(torch.nn.functional.cross_entropy(logits, labels), want, rtol=1e-5, atol=1e-6)
+    acc, loss = ex._evaluate(model, batch, torch.device("cpu"), chunk=4)
+    assert acc == pytest.approx(mqar_accuracy(full, batch.targets)) and loss == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_curriculum_batches_mix_easier_recall():
+    import dataclasses
+
+    preset = dataclasses.replace(ex.RECALL_PRESETS["micro"], seq_len=64, num_pairs=(16,), vocab_size=64,
+                                 batch_size=7, curriculum=True)
+    assert preset.training_pairs(16) == (4, 8, 16) and preset.training_pairs(5) == (5,)
+    assert dataclasses.replace(preset, curriculum=False).training_pairs(16) == (16,)
+    inputs, targets = ex.recall_training_batch(preset, 16, torch.Generator().manual_seed(3))
+    assert inputs.shape == targets.shape == (7, 64)
+    asked = (targets != IGNORE).sum(1).tolist()
+    assert asked == [4, 4, 4, 8, 8, 16, 16]  # 7 rows: 3, 2, 2 of 4, 8 and 16 pairs
+    # 4 pairs fill 64 tokens, 8 pairs 128 > seq_len: the rest of a short sequence is filler, never asked
+    last = [int((targets[i] != IGNORE).nonzero().max()) for i in range(7)]
+    assert max(last[:3]) < 64 and inputs[:3, 64:].eq(0).all() and targets[:3, 64:].eq(IGNORE).all()
+    for i in range(3):  # each short row is a valid 64-token MQAR sequence: every query repeats a shown key
+        keys = set(inputs[i, 0:8:2].tolist())
+        assert {int(inputs[i, p]) for p in (targets[i] != IGNORE).nonzero().flatten()} <= keys
+
+
+def test_merge_recall_restores_grid_order_and_checks_coverage():
+    runs = [{"grid_index": i, "mixer": m, "width": 16, "num_pairs": 2, "seed": 0, "lr": 1e-2, "final_accuracy": 0.1 * i}
+            for i, m in enumerate(ex.MIXERS)]
+    parts = [{"preset": "micro", "command": "c", "cpu_s": 1.0, "wall_s": 2.0, "runs": runs[i::2]} for i in range(2)]
+    merged = ex.merge_recall(parts, "python -m glalearn.experiments recall --preset micro --jobs 2", 5.0)
+    assert [r["grid_index"] for r in merged["runs"]] == list(range(5))
+    assert merged["jobs"] == 2 and merged["cpu_s"] == 2.0 and merged["wall_s"] == 5.0
+    assert merged["summary"] == ex.summarize_recall(merged["runs"])
+    with pytest.raises(ValueError, match=r"missing \[4\]"):
+        ex.merge_recall([{**parts[0], "runs": runs[:4]}])
+    with pytest.raises(ValueError, match="one preset"):
+        ex.merge_recall([parts[0], {**parts[1], "preset": "cpu"}])

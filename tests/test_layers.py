@@ -137,7 +137,7 @@ def test_flash_backend_agrees_with_chunk(gate):
 def test_flash_backend_takes_autocast_dtype(monkeypatch):
     """Under bf16 autocast the kernels get bf16 q, k, v (tensor-core products) and a float32 gate;
     the PyTorch forms still get float32. The output agrees with the float32 chunk form to bf16 accuracy."""
-    import glalearn.layers as layers
+    from glalearn import layers
 
     seen = {}
     real = layers._flash_form()

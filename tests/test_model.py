@@ -121,3 +121,24 @@ def test_flop_counts_favour_gla_at_long_context():
     assert flops_per_token(gla, 8192)["total"] < flops_per_token(tr, 8192)["total"]
     # GLA's mixing cost per token does not grow with T beyond the chunk size.
     assert flops_per_token(gla, 2048)["mixing"] == flops_per_token(gla, 8192)["mixing"]
+
+
+def test_short_conv_is_causal_and_has_no_recurrent_step():
+    torch.manual_seed(torch.randint(0, 2**31 - 1, ()).item())
+    for cls, cfg in ((GLAForCausalLM, GLAConfig), (TransformerForCausalLM, TransformerConfig)):
+        model = cls(cfg(vocab_size=20, d_model=32, n_layers=2, num_heads=2, short_conv=4)).eval()
+        ids = torch.randint(0, 20, (2, 12))
+        changed = ids.clone()
+        changed[:, 7:] = (changed[:, 7:] + 1) % 20
+        a, b = model(ids), model(changed)
+        assert torch.allclose(a[:, :7], b[:, :7], atol=1e-6)  # the future does not leak back
+        assert not torch.allclose(a[:, 7:], b[:, 7:])
+        # the convolution takes part: another kernel changes the output
+        with torch.no_grad():
+            model.blocks[0].conv.weight.normal_()
+        assert not torch.allclose(model(ids), a)
+    with pytest.raises(NotImplementedError, match="short_conv"):
+        model = GLAForCausalLM(GLAConfig(vocab_size=20, d_model=32, n_layers=1, num_heads=2, short_conv=3))
+        model.step(torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="short_conv must be an int >= 0"):
+        GLAConfig(short_conv=-1)
