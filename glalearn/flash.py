@@ -29,6 +29,8 @@ from glalearn.forms._contract import check_power_of_two, empty_result, validate
 #   warps / bwd_warps / state_warps / fused_warps (wide_warps at least, for 128-wide blocks): per program of the forward's chunk-parallel
 #   kernels / the backward's / the sequential passes / the non-materialized forward;
 #   stages / state_stages / fused_stages: their software-pipelining depth.
+#   fused_bv: V block of the non-materialized forward (None: the same as bv); each program holds a
+#   [K, fused_bv] state, so smaller blocks mean more programs (B·H·V / fused_bv) and more recomputed scores.
 #   sub: the sub-chunk length L of the secondary-level (exact) path.
 #   span_max: the largest decay span (nats) inside a chunk for which the intra-chunk scores are one
 #   guarded product (kernels/common.py says why 40 is safe).
@@ -40,7 +42,7 @@ from glalearn.forms._contract import check_power_of_two, empty_result, validate
 CONFIG = {"sub": 16, "bk": 128, "bv": 128, "dqk_bk": 64, "state_bk": 32, "state_bv": 32, "warps": 4, "wide_warps": 8,
           "bwd_warps": 8, "state_warps": 4, "stages": 2, "span_max": 40.0, "precision": "bf16",
           "bwd_state_precision": "bf16", "bwd_precision": "bf16", "bwd_intra_precision": "bf16",
-          "state_stages": 3, "fused_warps": 8, "fused_stages": 3, "wide_head_block": 64}
+          "state_stages": 3, "fused_warps": 8, "fused_stages": 3, "wide_head_block": 64, "fused_bv": None}
 CONFIG.update(json.loads(os.environ.get("GLALEARN_FLASH_CONFIG", "{}")))
 # The last compiled kernel of each name (for its register / spill / shared-memory report on a GPU).
 LAST_COMPILED: dict = {}
@@ -169,6 +171,8 @@ def flash_forward(q, k, v, g, scale, initial_state, chunk_size, materialize, out
         final = h[:, :, N].contiguous() if output_final_state else None
         return o, final, G
     final = torch.empty(B, H, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
+    if CONFIG["fused_bv"] is not None:
+        BV = min(CONFIG["fused_bv"], max(16, _next_power_of_two(V)))
     LAST_COMPILED["fused_forward_kernel"] = fused_forward.fused_forward_kernel[(-(-V // BV), B * H)](
         q, k, v, g, initial_state if initial_state is not None else o, o, final if final is not None else o,
         scale, T, H=H, K=K, V=V, C=C, L=L, BK=max(16, _next_power_of_two(K)), BV=BV,

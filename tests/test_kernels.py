@@ -134,6 +134,25 @@ def test_secondary_path_alone_is_exact(flash_config, materialize):
     _check_against_reference(1, 63, 2, 60, 16, materialize, False, 1.0, 32, seed=12)
 
 
+def test_non_materialized_forward_in_narrower_value_blocks(flash_config, monkeypatch):
+    """CONFIG["fused_bv"] splits the value width of the non-materialized forward over more programs,
+    each holding a [K, fused_bv] state: exact for V not a multiple of the block, with and without S_0."""
+    from glalearn.kernels import fused_forward
+
+    grids, kernel = [], fused_forward.fused_forward_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(fused_forward, "fused_forward_kernel", Spy())
+    flash_config["fused_bv"] = 16
+    _check_against_reference(1, 130, 1, 16, 60, False, True, 1.0, 64, seed=21)
+    _check_against_reference(2, 63, 1, 60, 20, False, False, 16.0, 32, seed=22)
+    assert grids == [(4, 1), (2, 2)]  # ceil(V / 16) value blocks per head
+
+
 def _mixed_gates(seed):
     """Chunks of mild gates (span << 40), chunks of g = -30 (span >> 40), and a chunk where a few
     channels decay hard while the rest barely decay."""
