@@ -356,13 +356,15 @@ def saved_numbers(form, inputs):
     storages = {}
 
     def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes() // t.element_size()
+        # (the tensor is kept in the dict too: a temporary freed during the forward could otherwise hand
+        # its address to a later one, and two blocks would count as one)
+        storages[t.untyped_storage().data_ptr()] = (t, t.untyped_storage().nbytes() // t.element_size())
         return t
 
     leaves = {n: t.clone().requires_grad_() for n, t in inputs.items()}
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         form(**leaves)
-    return sum(storages.values())
+    return sum(n for _, n in storages.values())
 
 
 @pytest.mark.parametrize("T", [64, 256])
