@@ -136,6 +136,12 @@ RECALL_PRESETS: dict[str, RecallPreset] = {
     "gpu": RecallPreset(widths=(64, 128, 256), seq_len=256, num_pairs=(16, 64), vocab_size=1024,
                         steps=1200, batch_size=128, lrs=(3e-3,), seeds=(0,), warmup_steps=100, eval_every=200,
                         eval_size=1000, num_heads=2, curriculum=True, short_conv=4),
+    # Does a linear-attention mixer ever leave the plateau of the `gpu` grid? Its hardest cell at width 128
+    # for 6.7x the steps, the four gated/ungated linear mixers only (softmax solved it within 400 steps).
+    "gpu-long": RecallPreset(widths=(128,), seq_len=256, num_pairs=(64,), vocab_size=1024, steps=8000,
+                             batch_size=128, lrs=(3e-3,), seeds=(0,), warmup_steps=100, eval_every=500,
+                             eval_size=1000, num_heads=2, curriculum=True, short_conv=4,
+                             mixers=("gla", "scalar", "fixed", "none")),
     # A miniature for a 2-core CPU, sized to finish in under 10 minutes on a shared one (chapter 10). At this
     # budget the models are early in training: probes at width 32, 4 pairs reached ~0.45 (GLA) and ~0.34
     # (softmax) after 200 steps and softmax ~0.56 after 1000 — more than this machine can give 30 runs.

@@ -242,11 +242,13 @@ def test_committed_results(name):
         assert sorted(r["name"] for r in data["runs"]) == sorted(n for n, _, _ in ex.ABLATION_PRESETS["cpu"].variants)
 
 
-def test_committed_gpu_recall_results():
-    """Chapter 10 §2b: the gpu preset's grid as run on a lent GPU, by the module's command, every cell once."""
-    data = ex.load_results("recall_gpu.json")
-    p = ex.RECALL_PRESETS["gpu"]
-    assert data["preset"] == "gpu" and data["machine"]["device"].startswith("cuda") and "gpu" in data["machine"]
+@pytest.mark.parametrize("name", ["recall_gpu.json", "recall_gpu_long.json"])
+def test_committed_gpu_recall_results(name):
+    """Chapter 10 §2b: the GPU presets' grids as run on a lent GPU, by the module's command, every cell once."""
+    data = ex.load_results(name)
+    p = ex.RECALL_PRESETS[data["preset"]]
+    assert data["preset"] == {"recall_gpu.json": "gpu", "recall_gpu_long.json": "gpu-long"}[name]
+    assert data["machine"]["device"].startswith("cuda") and "gpu" in data["machine"]
     assert data["settings"] == json.loads(json.dumps(p.to_dict())) and data["jobs"] > 1
     assert "--jobs" in data["command"] and "/root" not in data["command"]
     assert sorted(r["grid_index"] for r in data["runs"]) == list(range(len(data["runs"])))
