@@ -377,6 +377,13 @@ def summarize_recall(runs: list[dict]) -> list[dict]:
     return rows
 
 
+def recall_grid(preset: RecallPreset) -> list[tuple[int, int, int, float, str]]:
+    """The runs of a preset in order, each (num_pairs, width, seed, lr, mixer); a run's index in this
+    list is its ``grid_index``."""
+    return [(p, w, s, lr, m) for p in preset.num_pairs for w in preset.widths for s in preset.seeds
+            for lr in preset.lrs for m in preset.mixers]
+
+
 def run_recall(preset_name: str, device: str = "auto", progress: bool = True, command: str | None = None,
                checkpoint: str | Path | None = None, checkpoint_run: tuple[str, int, int] | None = None,
                on_run=None, shard: tuple[int, int] = (0, 1)) -> dict:
@@ -397,8 +404,7 @@ def run_recall(preset_name: str, device: str = "auto", progress: bool = True, co
     results = {"schema_version": SCHEMA_VERSION, "experiment": "recall", "preset": preset_name,
                "command": command, "machine": machine_info(dev), "settings": preset.to_dict(), "runs": []}
     started, cpu_started = time.perf_counter(), time.process_time()
-    grid = [(p, w, s, lr, m) for p in preset.num_pairs for w in preset.widths for s in preset.seeds
-            for lr in preset.lrs for m in preset.mixers]
+    grid = recall_grid(preset)
     index, count = shard
     if not (isinstance(index, int) and isinstance(count, int) and 0 <= index < count):
         raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard!r}")
@@ -438,7 +444,7 @@ def merge_recall(parts: list[dict], command: str | None = None, wall_s: float | 
     if len(presets) != 1:
         raise ValueError(f"parts must come from one preset, got {sorted(presets)}")
     preset = RECALL_PRESETS[presets.pop()]
-    size = len(preset.num_pairs) * len(preset.widths) * len(preset.seeds) * len(preset.lrs) * len(preset.mixers)
+    size = len(recall_grid(preset))
     runs = sorted((r for p in parts for r in p["runs"]), key=lambda r: r["grid_index"])
     indices = [r["grid_index"] for r in runs]
     if indices != list(range(size)):
@@ -476,8 +482,8 @@ def _recall_in_processes(args, command: str, out: str) -> dict:
             paths.append(path)
         codes = [p.wait() for p in procs]
         if any(codes):
-            raise RuntimeError(f"recall shard processes exited with codes {codes}; partial results stay in "
-                               f"{out} only for the shards that finished")
+            raise RuntimeError(f"recall shard processes exited with codes {codes} (their progress lines say "
+                               f"which runs finished); nothing was merged into {out}")
         parts = [json.loads(Path(p).read_text()) for p in paths]
     return merge_recall(parts, command, time.perf_counter() - started)
 
