@@ -1,12 +1,19 @@
 """``flash_gla``: GLA through the Triton kernels of ``kernels/`` (chapters 6-7), with autograd.
 
-Forward, materialized (the default, as in the paper): ``chunk_state_kernel`` walks the chunks once
-and writes every chunk state (float32) to memory, then ``chunk_output_kernel`` computes all chunk
-outputs in parallel. Non-materialized: ``fused_forward_kernel`` keeps the state on-chip and walks
-the chunks in order, one program per (head, V block).
+Forward, materialized (the default, as in the paper): the chunk states go through memory.
+``segment_state_kernel`` walks every segment of chunks at once from a zero state and writes the
+segment-local states (bf16 for bf16 inputs); ``segment_combine_kernel`` walks the segments in order
+for the state entering each (and the final state); ``chunk_output_kernel`` computes every chunk's
+output, adding the carried state on the chip, with the intra-chunk scores as one product; a second,
+mostly idle launch redoes exactly the chunks whose decay was too strong for that product. Gates are
+scanned inside the kernels as a product with a triangle of ones. ``CONFIG["segment_programs"] = 0``
+selects the earlier path: ``chunk_cumsum_kernel``, one sequential ``chunk_state_kernel`` walk with
+float32 states, and the output kernel with both score paths inline. Non-materialized:
+``fused_forward_kernel`` keeps the state on-chip and walks the chunks in order, one program per
+(head, V block).
 
-Backward: the chunk states are recomputed (never stored by the forward), the state gradients are
-walked backwards (``chunk_state_backward_kernel``), then dv and (dq, dk, dg) are computed for all
+Backward: G by ``chunk_cumsum_kernel``, the chunk states recomputed (never stored by the forward), the
+state gradients walked backwards (``chunk_state_backward_kernel``), then dv and (dq, dk, dg) for all
 chunks in parallel, dg by the gate-gradient trick.
 
 On a CPU the kernels run only in Triton's interpreter: set ``TRITON_INTERPRET=1`` in the environment
@@ -37,12 +44,21 @@ from glalearn.forms._contract import check_power_of_two, empty_result, validate
 #   precision / bwd_precision / bwd_state_precision: of the products for 16-bit inputs ("bf16" rounds
 #   operands to bfloat16, "tf32" keeps 10 mantissa bits, "tf32x3" is float32-exact);
 #   bwd_intra_precision: of the intra-chunk score gradients, which cancel in the gate gradient.
+#   segment_programs: programs the materialized forward's segmented state pass should have (segments are
+#   as long as that allows; 0: one sequential walk, the earlier path); segment_bk, segment_bv: its blocks.
+#   forward_cumsum: write G by chunk_cumsum_kernel first (else each kernel scans g itself, by gate_scan:
+#   "product" on the tensor cores or "cumsum", tl.cumsum). bf16_states: segment-local states in bf16
+#   where the products round to bf16 anyway. output_fallback: "defer" (product-only output kernel, then
+#   a launch for the flagged chunks; flag_block flags per program of it) or "inline" (both paths in one
+#   kernel); output_maxnreg: register cap of the product-only kernel for blocks up to 64 wide.
 # Float32 inputs always get float32 products. Chapter 7 measures the choices; the benchmark tries
 # variants through this dict (or GLALEARN_FLASH_CONFIG='{"warps": 8}' in the environment).
 CONFIG = {"sub": 16, "bk": 128, "bv": 128, "dqk_bk": 64, "state_bk": 32, "state_bv": 32, "warps": 4, "wide_warps": 8,
           "bwd_warps": 8, "state_warps": 4, "stages": 2, "span_max": 40.0, "precision": "bf16",
           "bwd_state_precision": "bf16", "bwd_precision": "bf16", "bwd_intra_precision": "bf16",
-          "state_stages": 3, "fused_warps": 8, "fused_stages": 3, "wide_head_block": 64, "fused_bv": None}
+          "state_stages": 3, "fused_warps": 8, "fused_stages": 3, "wide_head_block": 64, "fused_bv": None,
+          "segment_programs": 256, "segment_bk": 64, "segment_bv": 64, "forward_cumsum": False, "bf16_states": True, "gate_scan": "product",
+          "output_fallback": "defer", "output_maxnreg": 128, "flag_block": 16}
 CONFIG.update(json.loads(os.environ.get("GLALEARN_FLASH_CONFIG", "{}")))
 # The last compiled kernel of each name (for its register / spill / shared-memory report on a GPU).
 LAST_COMPILED: dict = {}
@@ -148,11 +164,88 @@ def _chunk_states(k, v, G, initial_state, C, SBK, SBV, precision):
     return h
 
 
+def _gate_scan(g_dtype: torch.dtype) -> str:
+    """How kernels that read raw gates take their chunk-local cumulative sum (kernels/common.py,
+    ``load_gate``): CONFIG["gate_scan"] = "cumsum" (``tl.cumsum``) or "product" (a product with the
+    lower triangle of ones: exact in float32 under the interpreter; one bfloat16 product for bfloat16
+    gates, three bfloat16 pieces for wider ones on a GPU)."""
+    if CONFIG["gate_scan"] == "cumsum":
+        return "cumsum"
+    if interpreter_active():
+        return "ieee"
+    return "bf16" if g_dtype == torch.bfloat16 else "bf16x3"
+
+
+def segment_length(B, H, K, V, N, SBK, SBV) -> int:
+    """Chunks per segment of the segmented state pass: the longest that still gives every state block
+    CONFIG["segment_programs"] programs in all (at least one chunk, at most N)."""
+    blocks = B * H * (-(-K // SBK)) * (-(-V // SBV))
+    segments = min(N, max(1, -(-CONFIG["segment_programs"] // blocks)))
+    return -(-N // segments)
+
+
+def _segmented_forward(q, k, v, g, scale, initial_state, C, L, output_final_state):
+    """The materialized forward with the segmented state pass (kernels/chunk_state.py): segment-local
+    states in parallel, a walk over segments, then every chunk's output. Returns (o, final, G)."""
+    chunk_state, chunk_output, *_ = _kernels()
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    N = -(-T // C)
+    BK, BV, _, _, precision = _config(K, V, q.dtype)
+    SBK = min(CONFIG["segment_bk"], max(16, _next_power_of_two(K)))
+    SBV = min(CONFIG["segment_bv"], max(16, _next_power_of_two(V)))
+    SEG = segment_length(B, H, K, V, N, SBK, SBV)
+    NSEG = -(-N // SEG)
+    dev = q.device
+    # Segment-local states in bfloat16 when the products round their operands to bfloat16 anyway.
+    h_dtype = torch.bfloat16 if precision in ("bf16", "bf16_round") and CONFIG["bf16_states"] else torch.float32
+    G = chunk_cumulative_gates(g, C) if CONFIG["forward_cumsum"] else None
+    gates = g if G is None else G
+    scan = _gate_scan(g.dtype)
+    h = torch.empty(B, H, N, K, V, dtype=h_dtype, device=dev)
+    lam = torch.empty(B, H, N, K, dtype=torch.float32, device=dev)
+    ends = torch.empty(B, H, NSEG, K, V, dtype=torch.float32, device=dev)
+    seg_decay = torch.empty(B, H, NSEG, K, dtype=torch.float32, device=dev)
+    state_grid = (-(-K // SBK), -(-V // SBV))
+    LAST_COMPILED["segment_state_kernel"] = chunk_state.segment_state_kernel[(*state_grid, B * H * NSEG)](
+        k, v, gates, h, lam, ends, seg_decay, T, SEG, NSEG, H=H, K=K, V=V, C=C, BK=SBK, BV=SBV,
+        PRECISION=precision, CUMULATIVE=G is not None, SCAN=scan,
+        num_warps=CONFIG["state_warps"], num_stages=CONFIG["state_stages"],
+    )
+    hs = torch.empty(B, H, NSEG, K, V, dtype=torch.float32, device=dev)
+    final = torch.empty(B, H, K, V, dtype=torch.float32, device=dev) if output_final_state else None
+    LAST_COMPILED["segment_combine_kernel"] = chunk_state.segment_combine_kernel[(*state_grid, B * H)](
+        ends, seg_decay, initial_state if initial_state is not None else hs, hs, final if final is not None else hs,
+        NSEG, K=K, V=V, BK=SBK, BV=SBV, USE_H0=initial_state is not None, STORE_FINAL=final is not None,
+        num_warps=4, num_stages=CONFIG.get("combine_stages", 3),
+    )
+    o = torch.empty_like(v)
+    fallback = CONFIG["output_fallback"]
+    flags = torch.empty(B, H, N, dtype=torch.int32, device=dev) if fallback == "defer" else o
+    common = {"H": H, "K": K, "V": V, "C": C, "L": L, "BK": BK, "BV": BV, "CUMULATIVE": G is not None, "SCAN": scan,
+              "SEGMENTED": True, "SPAN_MAX": float(CONFIG["span_max"]), "PRECISION": precision,
+              "num_warps": _warps("warps", BK, BV), "num_stages": CONFIG["stages"]}
+    # The product-only kernel needs few registers; capping them lets more programs share an SM where
+    # the tiles are small (64-wide blocks; 128-wide ones spill under the cap).
+    cap = {"maxnreg": CONFIG["output_maxnreg"]} if CONFIG["output_maxnreg"] and max(BK, BV) <= 64 else {}
+    LAST_COMPILED[f"chunk_output_kernel ({fallback})"] = chunk_output.chunk_output_kernel[(-(-V // BV), N, B * H)](
+        q, k, v, gates, h, o, hs, lam, flags, scale, T, SEG, FALLBACK=fallback,
+        **common, **(cap if fallback == "defer" else {}),
+    )
+    if fallback == "defer":  # the chunks whose decay span ruled out the product, done exactly
+        total, block = B * H * N, CONFIG["flag_block"]
+        LAST_COMPILED["chunk_output_kernel (flagged)"] = chunk_output.chunk_output_kernel[(-(-V // BV), -(-total // block), 1)](
+            q, k, v, gates, h, o, hs, lam, flags, scale, T, SEG, FALLBACK="flagged", TOTAL=total,
+            FLAG_BLOCK=block, **common,
+        )
+    return o, final, G
+
+
 def flash_forward(q, k, v, g, scale, initial_state, chunk_size, materialize, output_final_state):
     """Run the forward kernels on contiguous inputs.
 
-    Returns (o [B, T, H, V], final_state or None, G): G the chunk-local cumulative gates the
-    materialized forward computes first (None for the non-materialized one, which scans on-chip)."""
+    Returns (o [B, T, H, V], final_state or None, G): G the chunk-local cumulative gates if the forward
+    wrote them (CONFIG["forward_cumsum"] or the sequential path), else None (the backward computes them)."""
     _, chunk_output, fused_forward, _ = _kernels()
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -161,10 +254,13 @@ def flash_forward(q, k, v, g, scale, initial_state, chunk_size, materialize, out
     BK, BV, SBK, SBV, precision = _config(K, V, q.dtype)
     o = torch.empty_like(v)
     if materialize:
+        if CONFIG["segment_programs"]:
+            return _segmented_forward(q, k, v, g, scale, initial_state, C, L, output_final_state)
         G = chunk_cumulative_gates(g, C)
         h = _chunk_states(k, v, G, initial_state, C, SBK, SBV, precision)
         LAST_COMPILED["chunk_output_kernel"] = chunk_output.chunk_output_kernel[(-(-V // BV), N, B * H)](
-            q, k, v, G, h, o, scale, T, H=H, K=K, V=V, C=C, L=L, BK=BK, BV=BV, CUMULATIVE=True,
+            q, k, v, G, h, o, h, h, h, scale, T, 1, H=H, K=K, V=V, C=C, L=L, BK=BK, BV=BV, CUMULATIVE=True,
+            SCAN="cumsum", SEGMENTED=False, FALLBACK="inline",
             SPAN_MAX=float(CONFIG["span_max"]), PRECISION=precision, num_warps=_warps("warps", BK, BV),
             num_stages=CONFIG["stages"],
         )
@@ -224,8 +320,8 @@ def flash_backward(q, k, v, g, do, dht, scale, initial_state, chunk_size, G=None
 
 
 class FlashGLAFunction(torch.autograd.Function):
-    """Autograd around the kernels: saves q, k, v, g, S_0 and the cumulative gates G, never chunk
-    states (chapter 7)."""
+    """Autograd around the kernels: saves q, k, v, g, S_0 (and G if the forward wrote it: not by
+    default), never chunk states (chapter 7)."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, initial_state, scale, chunk_size, materialize, output_final_state):

@@ -13,8 +13,9 @@ With dS_{n+1} the gradient reaching the state that *leaves* chunk n (dh[n] below
 q ⊙ dq - k ⊙ dk over the whole chunk and adding Σ_v S_{n+1} ⊙ dS_{n+1} is the same in exact
 arithmetic, but subtracts large nearly equal sums under strong decay.
 
-Launches: chunk_state_kernel (recompute h), chunk_state_backward_kernel (dh, dh0),
-chunk_dv_kernel, chunk_dqkg_kernel — the last two parallel over chunks.
+Launches: chunk_cumsum_kernel (G, unless the forward kept it), chunk_state_kernel (recompute h),
+chunk_state_backward_kernel (dh, dh0), chunk_dv_kernel, chunk_dqkg_kernel — the last two parallel
+over chunks.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def chunk_state_backward_kernel(
         tl.store(dh_base + n * K * V + state_offsets, d_state, mask=state_mask)
         q_n = load_tile(q_base, n * C, i_k * BK, T, K, H * K, C, BK)
         do_n = load_tile(do_base, n * C, i_v * BV, T, V, H * V, C, BV)
-        G, gamma = load_gate(g_base, n * C, i_k * BK, T, K, H * K, C, BK, CUMULATIVE)
+        G, gamma = load_gate(g_base, n * C, i_k * BK, T, K, H * K, C, BK, CUMULATIVE, "cumsum")
         q_decayed = scale * q_n * tl.exp(G)
         d_state = mm(tl.trans(q_decayed), do_n, d_state * tl.exp(gamma)[:, None], PRECISION)
     if STORE_DH0:
@@ -83,7 +84,7 @@ def chunk_dv_kernel(
     for i_k in range(tl.cdiv(K, BK)):
         q_n = load_tile(q_base, row0, i_k * BK, T, K, H * K, C, BK)
         k_n = load_tile(k_base, row0, i_k * BK, T, K, H * K, C, BK)
-        G, gamma = load_gate(g_base, row0, i_k * BK, T, K, H * K, C, BK, CUMULATIVE)
+        G, gamma = load_gate(g_base, row0, i_k * BK, T, K, H * K, C, BK, CUMULATIVE, "cumsum")
         rk = i_k * BK + tl.arange(0, BK)
         dS = tl.load(dh_base + rk[:, None] * V + rv[None, :], mask=(rk < K)[:, None] & (rv < V)[None, :], other=0.0)
         inter = mm(k_n * tl.exp(gamma[None, :] - G), dS, inter, PRECISION)
@@ -114,7 +115,7 @@ def chunk_dqkg_kernel(
     row0 = i_n * C
     q_n = load_tile(q + off_k, row0, i_k * BK, T, K, H * K, C, BK)
     k_n = load_tile(k + off_k, row0, i_k * BK, T, K, H * K, C, BK)
-    G, gamma = load_gate(g + off_k, row0, i_k * BK, T, K, H * K, C, BK, CUMULATIVE)
+    G, gamma = load_gate(g + off_k, row0, i_k * BK, T, K, H * K, C, BK, CUMULATIVE, "cumsum")
     rk = i_k * BK + tl.arange(0, BK)
     h_base = h + (i_bh * (N + 1) + i_n) * K * V  # S_n
     dh_base = dh + (i_bh * N + i_n) * K * V  # dS_{n+1}

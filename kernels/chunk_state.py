@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from glalearn.kernels.common import load_gate, load_tile, mm, store_tile
+from glalearn.kernels.common import load_gate, load_tile, mm, round_to_bf16, store_tile
 
 
 @triton.jit
@@ -46,7 +46,7 @@ def chunk_state_kernel(
         k_n = load_tile(k_base, n * C, i_k * BK, T, K, H * K, C, BK)
         v_n = load_tile(v_base, n * C, i_v * BV, T, V, H * V, C, BV)
         # G: chunk-local cumulative log decay; gamma: the log decay over the whole chunk, [BK]
-        G, gamma = load_gate(g_base, n * C, i_k * BK, T, K, H * K, C, BK, CUMULATIVE)
+        G, gamma = load_gate(g_base, n * C, i_k * BK, T, K, H * K, C, BK, CUMULATIVE, "cumsum")
         k_decayed = k_n * tl.exp(gamma[None, :] - G)  # exp(γ - G_j) <= 1
         state = mm(tl.trans(k_decayed), v_n, state * tl.exp(gamma)[:, None], PRECISION)
     tl.store(h_base + N * K * V + state_offsets, state, mask=state_mask)
@@ -64,3 +64,95 @@ def chunk_cumsum_kernel(
     offset = (i_b * T * H + i_h) * K
     x = load_tile(g + offset, i_n * C, i_k * BK, T, K, H * K, C, BK)
     store_tile(G + offset, tl.cumsum(x, axis=0), i_n * C, i_k * BK, T, K, H * K, C, BK)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The segmented state pass (chapter 7): the sequential walk cut into independent segments.
+#
+# The recurrence is linear in the state, so a segment of chunks n0 .. n1 - 1 can be walked from a zero
+# state while the state that really enters it, S_{n0}, is still unknown:
+#     S_n = L_n + Diag(exp(Λ_n)) S_{n0},     Λ_n = γ_{n0} + ... + γ_{n-1}   (the decay since n0)
+# where L_n is the segment-local state (the walk from zero). Three steps:
+#   1. ``segment_state_kernel``: every segment at once writes L_n and Λ_n for its chunks, and its
+#      end state L_{n1} and total decay Λ_{n1};
+#   2. ``segment_combine_kernel``: a short sequential walk over the *segments* (not the chunks) gives
+#      each segment's entering state S_{n0} (and the final state);
+#   3. the output kernel forms S_n = L_n + exp(Λ_n) ⊙ S_{n0} on the chip before its product.
+# One head's sequential chain shrinks from N chunk steps to SEG chunk steps plus N / SEG segment steps,
+# and the number of programs grows N / SEG times: the pass becomes bound by bytes, not by latency.
+# ---------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def store_state(ptr, x, mask, PRECISION: tl.constexpr):
+    """Store a float32 tile into a state buffer of any float dtype. Under the interpreter with
+    bf16 emulation ("bf16_round") round to bfloat16 first: the interpreter's conversion truncates."""
+    if PRECISION == "bf16_round":
+        x = round_to_bf16(x)
+    tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def segment_state_kernel(
+    k, v, g, h, lam, ends, seg_decay,
+    # k, g [B, T, H, K]; v [B, T, H, V]; h [B, H, N, K, V] (any float dtype): L_n;
+    # lam [B, H, N, K] float32: Λ_n; ends [B, H, NSEG, K, V] float32; seg_decay [B, H, NSEG, K] float32
+    T, SEG, NSEG, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    PRECISION: tl.constexpr, CUMULATIVE: tl.constexpr = False, SCAN: tl.constexpr = "cumsum",
+):
+    """One program per (K block, V block, head, segment of SEG chunks): L_n and Λ_n for the segment's
+    chunks, then its end state and total decay. CUMULATIVE as in ``chunk_state_kernel``."""
+    i_k, i_v, i_x = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    i_bh, i_s = i_x // NSEG, i_x % NSEG
+    i_b, i_h = i_bh // H, i_bh % H
+    N = tl.cdiv(T, C)
+    k_base = k + (i_b * T * H + i_h) * K
+    g_base = g + (i_b * T * H + i_h) * K
+    v_base = v + (i_b * T * H + i_h) * V
+    rk = i_k * BK + tl.arange(0, BK)
+    rv = i_v * BV + tl.arange(0, BV)
+    state_mask = (rk < K)[:, None] & (rv < V)[None, :]
+    state_offsets = rk[:, None] * V + rv[None, :]
+    lam_mask = rk < tl.where(i_v == 0, K, 0)  # the V blocks of a K block share Λ: the first writes it
+    n0 = i_s * SEG
+    n1 = tl.minimum(n0 + SEG, N)
+    state = tl.zeros((BK, BV), dtype=tl.float32)
+    decay = tl.zeros((BK,), dtype=tl.float32)  # Λ_n
+    for n in range(n0, n1):
+        store_state(h + (i_bh * N + n) * K * V + state_offsets, state, state_mask, PRECISION)
+        tl.store(lam + (i_bh * N + n) * K + rk, decay, mask=lam_mask)
+        k_n = load_tile(k_base, n * C, i_k * BK, T, K, H * K, C, BK)
+        v_n = load_tile(v_base, n * C, i_v * BV, T, V, H * V, C, BV)
+        G, gamma = load_gate(g_base, n * C, i_k * BK, T, K, H * K, C, BK, CUMULATIVE, SCAN)
+        k_decayed = k_n * tl.exp(gamma[None, :] - G)
+        state = mm(tl.trans(k_decayed), v_n, state * tl.exp(gamma)[:, None], PRECISION)
+        decay += gamma
+    tl.store(ends + (i_bh * NSEG + i_s) * K * V + state_offsets, state, mask=state_mask)
+    tl.store(seg_decay + (i_bh * NSEG + i_s) * K + rk, decay, mask=lam_mask)
+
+
+@triton.jit
+def segment_combine_kernel(
+    ends, seg_decay, h0, hs, ht,  # ends [B, H, NSEG, K, V]; seg_decay [B, H, NSEG, K]; h0, ht [B, H, K, V];
+    NSEG, K: tl.constexpr, V: tl.constexpr,  # hs [B, H, NSEG, K, V]: the state entering each segment
+    BK: tl.constexpr, BV: tl.constexpr, USE_H0: tl.constexpr, STORE_FINAL: tl.constexpr,
+):
+    """S_{n0} of every segment by the recurrence over segments, S ← Diag(exp(Λ)) S + L_end, from S_0
+    (h0, or zero); the state after the last segment is the final state. All float32."""
+    i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    rk = i_k * BK + tl.arange(0, BK)
+    rv = i_v * BV + tl.arange(0, BV)
+    state_mask = (rk < K)[:, None] & (rv < V)[None, :]
+    state_offsets = rk[:, None] * V + rv[None, :]
+    if USE_H0:
+        state = tl.load(h0 + i_bh * K * V + state_offsets, mask=state_mask, other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros((BK, BV), dtype=tl.float32)
+    for s in range(NSEG):
+        tl.store(hs + (i_bh * NSEG + s) * K * V + state_offsets, state, mask=state_mask)
+        decay = tl.load(seg_decay + (i_bh * NSEG + s) * K + rk, mask=rk < K, other=0.0)
+        end = tl.load(ends + (i_bh * NSEG + s) * K * V + state_offsets, mask=state_mask, other=0.0)
+        state = state * tl.exp(decay)[:, None] + end
+    if STORE_FINAL:
+        tl.store(ht + i_bh * K * V + state_offsets, state, mask=state_mask)

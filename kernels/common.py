@@ -55,13 +55,14 @@ def last_row(x, ROWS: tl.constexpr):
 
 @triton.jit
 def load_gate(g_base, row0, col0, T, D, stride_t, ROWS: tl.constexpr, COLS: tl.constexpr,
-              CUMULATIVE: tl.constexpr):
+              CUMULATIVE: tl.constexpr, SCAN: tl.constexpr):
     """G (the chunk-local inclusive cumulative log decay, [ROWS, COLS]) and γ (G at the chunk's last
     valid row, [COLS]) of the chunk starting at row0. Rows past T continue γ (no decay there).
 
     CUMULATIVE=False: g_base points to the gates g; the cumulative sum is taken here (a scan along
     the chunk, and a reduction for γ). CUMULATIVE=True: g_base points to G, written once by
     ``chunk_cumsum_kernel``: two loads, no scan — what the sequential passes want on their critical path.
+    SCAN (CUMULATIVE=False): "cumsum" (``tl.cumsum``) or a mode of :func:`cumsum_by_product`.
     """
     if CUMULATIVE:
         G = load_tile(g_base, row0, col0, T, D, stride_t, ROWS, COLS)
@@ -70,10 +71,37 @@ def load_gate(g_base, row0, col0, T, D, stride_t, ROWS: tl.constexpr, COLS: tl.c
         gamma = tl.load(g_base + last * stride_t + cols, mask=cols < D, other=0.0).to(tl.float32)
         rows = row0 + tl.arange(0, ROWS)
         G = tl.where((rows < T)[:, None], G, gamma[None, :])
-    else:
+    elif SCAN == "cumsum":
         G = tl.cumsum(load_tile(g_base, row0, col0, T, D, stride_t, ROWS, COLS), axis=0)
         gamma = last_row(G, ROWS)
+    else:
+        G = cumsum_by_product(load_tile(g_base, row0, col0, T, D, stride_t, ROWS, COLS), ROWS, SCAN)
+        gamma = last_row(G, ROWS)
     return G, gamma
+
+
+@triton.jit
+def cumsum_by_product(x, ROWS: tl.constexpr, SCAN: tl.constexpr):
+    """The inclusive cumulative sum along the rows of a float32 tile as a product with the lower
+    triangle of ones, tril(1) @ x, on the tensor cores instead of a scan across the warps.
+
+    SCAN: "ieee" (float32 product, exact: the interpreter, float32 inputs); "bf16" (x holds bfloat16
+    values, so one bf16 product is exact, sums in float32); "bf16x3" (x split into three bfloat16
+    pieces, hi + mid + lo, which carry float32's 24 bits: three exact products).
+    """
+    rows = tl.arange(0, ROWS)
+    tril = tl.where(rows[:, None] >= rows[None, :], 1.0, 0.0)
+    if SCAN == "ieee":
+        return tl.dot(tril, x, input_precision="ieee")
+    ones = tril.to(tl.bfloat16)
+    hi = x.to(tl.bfloat16)
+    out = tl.dot(ones, hi)
+    if SCAN == "bf16x3":
+        rest = x - hi.to(tl.float32)
+        mid = rest.to(tl.bfloat16)
+        out = tl.dot(ones, mid, out)
+        out = tl.dot(ones, (rest - mid.to(tl.float32)).to(tl.bfloat16), out)
+    return out
 
 
 @triton.jit

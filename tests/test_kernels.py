@@ -216,3 +216,21 @@ def test_bf16_operands_in_the_interpreter(flash_config):
     (o_ref * do).sum().backward()
     for name, leaf in x.items():
         assert relative_rmse(leaf.grad, x64[name].grad) <= 1e-2, name
+
+
+@pytest.mark.parametrize("programs, seg, forward_cumsum", [(0, None, True), (1, 9, False), (20, 2, True),
+                                                           (20, 2, False), (10**6, 1, False)])
+def test_segmented_state_pass(flash_config, programs, seg, forward_cumsum):
+    """CONFIG["segment_programs"] cuts the materialized forward's sequential state pass into segments
+    walked at once from a zero state and joined by a walk over the segments (kernels/chunk_state.py):
+    exact for one segment (the whole sequence), for segments of two chunks with a shorter last one, and
+    for one chunk per segment; with and without S_0; gates scanned inside the kernels or by the cumsum
+    kernel first. 0 selects the single sequential pass (chunk_state_kernel)."""
+    from glalearn import flash
+
+    flash_config.update(segment_programs=programs, forward_cumsum=forward_cumsum, segment_bk=32, segment_bv=32)
+    # T = 130, C = 16: N = 9 chunks; B = 1, H = 2, K = 60, V = 20 in 32 x 32 state blocks: 4 blocks
+    if programs:
+        assert flash.segment_length(1, 2, 60, 20, 9, 32, 32) == seg
+    _check_against_reference(1, 130, 2, 60, 20, True, True, 1.0, 16, seed=31)
+    _check_against_reference(1, 130, 2, 60, 20, True, False, 16.0, 16, seed=32)
