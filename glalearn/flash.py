@@ -217,7 +217,7 @@ def _segmented_forward(q, k, v, g, scale, initial_state, C, L, output_final_stat
     LAST_COMPILED["segment_combine_kernel"] = chunk_state.segment_combine_kernel[(*state_grid, B * H)](
         ends, seg_decay, initial_state if initial_state is not None else hs, hs, final if final is not None else hs,
         NSEG, K=K, V=V, BK=SBK, BV=SBV, USE_H0=initial_state is not None, STORE_FINAL=final is not None,
-        num_warps=4, num_stages=CONFIG.get("combine_stages", 3),
+        num_warps=4, num_stages=3,
     )
     o = torch.empty_like(v)
     fallback = CONFIG["output_fallback"]
