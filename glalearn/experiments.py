@@ -39,10 +39,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 from glalearn.model import CausalLM, GLAConfig, TransformerConfig, build_model
-from glalearn.tasks.mqar import FILLER, IGNORE, mqar_batch
+from glalearn.tasks.mqar import FILLER, FILLERS, IGNORE, mqar_batch
 
 # The token mixers of the recall experiment: name -> the GLA layer's gate (None: softmax attention).
 MIXERS: dict[str, str | None] = {"softmax": None, "gla": "vector", "scalar": "scalar", "fixed": "fixed",
@@ -84,6 +85,25 @@ class RecallPreset:
     curriculum: bool = False
     # A short causal convolution beside every mixer (LMConfig.short_conv; Zoology's recall models have one).
     short_conv: int = 0
+    # Where the short convolution sits for the linear mixers: "input" (a residual convolution over the
+    # block's normalised input, every mixer) or "qkv" (SiLU convolutions on the layer's q, k and v, as in
+    # flash-linear-attention and Zoology; softmax attention keeps the input convolution).
+    conv_on: str = "input"
+    # What stands between the queries (glalearn.tasks.mqar): "random" tokens as Zoology's generator does,
+    # or the "zero" filler. With "zero", one repeated filler writes the same k^T v dozens of times into
+    # a linear mixer's state (chapter 10, section 3): every linear mixer plateaus at chance.
+    filler: str = "random"
+    # Standard deviation of the normal initialisation of every linear and embedding weight (LMConfig.init_std).
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        if self.conv_on not in ("input", "qkv"):
+            raise ValueError(f"conv_on must be 'input' or 'qkv', got {self.conv_on!r}")
+        if self.filler not in FILLERS:
+            raise ValueError(f"filler must be one of {FILLERS}, got {self.filler!r}")
+        unknown = [m for m in self.mixers if m not in MIXERS and m != "fla-gla"]
+        if unknown:
+            raise ValueError(f"mixers must be among {tuple(MIXERS) + ('fla-gla',)}, got {unknown}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -108,7 +128,8 @@ def recall_training_batch(preset: RecallPreset, num_pairs: int, generator: torch
     """
     counts = preset.training_pairs(num_pairs)
     if len(counts) == 1:
-        batch = mqar_batch(preset.batch_size, preset.seq_len, num_pairs, preset.vocab_size, generator=generator)
+        batch = mqar_batch(preset.batch_size, preset.seq_len, num_pairs, preset.vocab_size, generator=generator,
+                           filler=preset.filler)
         return batch.inputs, batch.targets
     sizes = [preset.batch_size // len(counts) + (i < preset.batch_size % len(counts)) for i in range(len(counts))]
     inputs = torch.full((preset.batch_size, preset.seq_len), FILLER, dtype=torch.long)
@@ -117,7 +138,7 @@ def recall_training_batch(preset: RecallPreset, num_pairs: int, generator: torch
     for n, size in zip(counts, sizes):
         if size:
             length = max(4 * n, min(preset.seq_len, 16 * n))
-            part = mqar_batch(size, length, n, preset.vocab_size, generator=generator)
+            part = mqar_batch(size, length, n, preset.vocab_size, generator=generator, filler=preset.filler)
             inputs[row:row + size, :length], targets[row:row + size, :length] = part.inputs, part.targets
             row += size
     return inputs, targets
@@ -222,19 +243,81 @@ def resolve_device(name: str) -> torch.device:
 
 
 # ----------------------------------------------------------------------------- recall (MQAR)
+def fla_available() -> bool:
+    """True when flash-linear-attention's GLA layer imports (a GPU machine with ``fla`` installed).
+
+    flash-linear-attention is never a dependency of glalearn: the ``fla-gla`` reference mixer of the
+    recall experiment exists only where it is installed."""
+    try:
+        from fla.layers import GatedLinearAttention  # noqa: F401
+    except (ImportError, RuntimeError, OSError, AttributeError):  # absent, or no CUDA/Triton for it
+        return False
+    return True
+
+
+class FlaGLAMixer(nn.Module):
+    """flash-linear-attention's ``GatedLinearAttention`` layer as a token mixer: [B, T, d] -> [B, T, d].
+
+    The independent cross-check of chapter 10: the same width, heads, expand_k / expand_v, gate rank,
+    gate normaliser and norm epsilon as glalearn's layer, with its own SiLU short convolution on q, k
+    and v when ``conv`` > 0. Its weights are initialised by the model like every other mixer's.
+    """
+
+    def __init__(self, d_model: int, num_heads: int, conv: int, expand_k: float = 0.5, expand_v: float = 1.0,
+                 gate_low_rank_dim: int = 16, gate_logit_normalizer: float = 16.0, norm_eps: float = 1e-5):
+        super().__init__()
+        from fla.layers import GatedLinearAttention as FlaGLA
+
+        self.layer = FlaGLA(mode="chunk", hidden_size=d_model, expand_k=expand_k, expand_v=expand_v,
+                            num_heads=num_heads, use_short_conv=conv > 0, conv_size=max(conv, 1),
+                            gate_low_rank_dim=gate_low_rank_dim, gate_logit_normalizer=gate_logit_normalizer,
+                            norm_eps=norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)[0]
+
+
+def available_mixers() -> tuple[str, ...]:
+    """The mixers the recall experiment can run here: :data:`MIXERS`, plus ``fla-gla`` where fla imports."""
+    return tuple(MIXERS) + (("fla-gla",) if fla_available() else ())
+
+
 def recall_model(mixer: str, width: int, preset: RecallPreset) -> CausalLM:
     """The 2-layer model of one recall run (chapter 10): same blocks, only the token mixer differs.
 
-    ``mixer`` is a key of :data:`MIXERS`; the vocabulary is the MQAR vocabulary and the context the
-    sequence length. GLA models use ``preset.backend``.
+    ``mixer`` is a key of :data:`MIXERS` or ``"fla-gla"`` (flash-linear-attention's GLA layer, where it
+    is installed); the vocabulary is the MQAR vocabulary and the context the sequence length. GLA
+    models use ``preset.backend``. ``preset.conv_on`` places the short convolution: on the block's
+    input for every mixer, or (``"qkv"``) inside the linear mixers on q, k and v, softmax attention
+    keeping the input convolution.
     """
-    if mixer not in MIXERS:
-        raise ValueError(f"mixer must be one of {tuple(MIXERS)}, got {mixer!r}")
+    if mixer not in MIXERS and mixer != "fla-gla":
+        raise ValueError(f"mixer must be one of {tuple(MIXERS) + ('fla-gla',)}, got {mixer!r}")
+    inside = preset.conv_on == "qkv" and MIXERS.get(mixer, "fla") is not None
     common = {"vocab_size": preset.vocab_size, "d_model": width, "n_layers": preset.n_layers,
-              "num_heads": preset.num_heads, "context_length": preset.seq_len, "short_conv": preset.short_conv}
+              "num_heads": preset.num_heads, "context_length": preset.seq_len, "init_std": preset.init_std,
+              "short_conv": 0 if inside or mixer == "fla-gla" else preset.short_conv}
+    if mixer == "fla-gla":
+        if not fla_available():
+            raise ValueError("mixer 'fla-gla' needs flash-linear-attention (pip install fla-core "
+                             "flash-linear-attention on a CUDA machine); it is not installed here")
+        # With conv_on="qkv" fla's layer carries its own convolution on q, k, v; with "input" the
+        # preset's convolution stays on the block input (the same place as for the other mixers).
+        conv = preset.short_conv if preset.conv_on == "qkv" else 0
+        block_conv = 0 if conv else preset.short_conv
+        config = GLAConfig(**{**common, "short_conv": block_conv}, gate="vector", backend=preset.backend)
+        mixers = [FlaGLAMixer(width, preset.num_heads, conv) for _ in range(preset.n_layers)]
+        return CausalLM(config, mixers)
     if MIXERS[mixer] is None:
         return build_model(TransformerConfig(**common))
-    return build_model(GLAConfig(**common, gate=MIXERS[mixer], backend=preset.backend))
+    return build_model(GLAConfig(**common, gate=MIXERS[mixer], backend=preset.backend,
+                                 qkv_conv=preset.short_conv if inside else 0))
+
+
+def recall_held_out(preset: RecallPreset, num_pairs: int):
+    """The fixed held-out MQAR batch of every run with ``num_pairs`` pairs (never a training seed)."""
+    return mqar_batch(preset.eval_size, preset.seq_len, num_pairs, preset.vocab_size, seed=EVAL_SEED + num_pairs,
+                      filler=preset.filler)
 
 
 def _lr_at(step: int, peak: float, warmup: int, steps: int) -> float:
@@ -327,7 +410,7 @@ def train_recall(mixer: str, width: int, num_pairs: int, seed: int, lr: float, p
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": preset.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
     data = torch.Generator().manual_seed(seed * 1009 + num_pairs)
-    held_out = mqar_batch(preset.eval_size, preset.seq_len, num_pairs, preset.vocab_size, seed=EVAL_SEED + num_pairs)
+    held_out = recall_held_out(preset, num_pairs)
     curve, recent = [], []
     model.train()
     batches = _prefetched(lambda: recall_training_batch(preset, num_pairs, data), preset.steps,
@@ -384,9 +467,51 @@ def recall_grid(preset: RecallPreset) -> list[tuple[int, int, int, float, str]]:
             for lr in preset.lrs for m in preset.mixers]
 
 
+def parse_overrides(items: list[str] | None) -> dict:
+    """``["steps=2000", "lrs=1e-3,3e-3"]`` -> ``{"steps": 2000, "lrs": (0.001, 0.003)}``, typed by the
+    fields of :class:`RecallPreset` (tuples from comma lists). ValueError names a bad item."""
+    fields = {f.name: f for f in dataclasses.fields(RecallPreset)}
+    defaults = RECALL_PRESETS["gpu"]
+    out: dict = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or key not in fields:
+            raise ValueError(f"--set must be KEY=VALUE with KEY a preset field ({', '.join(sorted(fields))}), "
+                             f"got {item!r}")
+        current = getattr(defaults, key)
+        try:
+            if isinstance(current, tuple):
+                kind = type(current[0]) if current else str
+                out[key] = tuple(kind(x) for x in text.split(",") if x.strip())
+            elif isinstance(current, bool):
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                out[key] = text.lower() in ("true", "1")
+            else:
+                out[key] = type(current)(text)
+        except ValueError:
+            raise ValueError(f"--set {key}: cannot read {text!r} as {type(current).__name__}") from None
+    return out
+
+
+def recall_preset(name: str, overrides: dict | None = None) -> RecallPreset:
+    """The preset ``name`` of :data:`RECALL_PRESETS` with ``overrides`` (field -> value) applied."""
+    if name not in RECALL_PRESETS:
+        raise ValueError(f"preset must be one of {sorted(RECALL_PRESETS)}, got {name!r}")
+    return dataclasses.replace(RECALL_PRESETS[name], **(overrides or {}))
+
+
+def preset_from_settings(settings: dict) -> RecallPreset:
+    """Rebuild the :class:`RecallPreset` a results file records under ``settings``."""
+    fields = {f.name for f in dataclasses.fields(RecallPreset)}
+    return RecallPreset(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items() if k in fields})
+
+
 def run_recall(preset_name: str, device: str = "auto", progress: bool = True, command: str | None = None,
                checkpoint: str | Path | None = None, checkpoint_run: tuple[str, int, int] | None = None,
-               on_run=None, shard: tuple[int, int] = (0, 1)) -> dict:
+               on_run=None, shard: tuple[int, int] = (0, 1), overrides: dict | None = None,
+               done: list[dict] | None = None, stop_after: float | None = None) -> dict:
     """The whole recall grid of a preset -> the results dict (see module docstring and chapter 10).
 
     ``checkpoint`` (a .safetensors path) saves the weights of the run ``checkpoint_run`` =
@@ -396,13 +521,16 @@ def run_recall(preset_name: str, device: str = "auto", progress: bool = True, co
     i, i + n, i + 2n, ... (``python -m glalearn.experiments recall --jobs n`` runs the n shards as
     processes side by side and merges them with :func:`merge_recall`); each run records its
     ``grid_index``. A run's numbers do not depend on the shard it runs in.
+
+    ``overrides`` changes preset fields (``--set``). ``done`` holds runs of an earlier, unfinished call
+    of the same grid (``--resume``): they are kept and not run again. ``stop_after`` (seconds): no run
+    starts later than that; the results then carry ``"partial": True`` and the runs left undone.
     """
-    if preset_name not in RECALL_PRESETS:
-        raise ValueError(f"preset must be one of {sorted(RECALL_PRESETS)}, got {preset_name!r}")
-    preset = RECALL_PRESETS[preset_name]
+    preset = recall_preset(preset_name, overrides)
     dev = resolve_device(device)
     results = {"schema_version": SCHEMA_VERSION, "experiment": "recall", "preset": preset_name,
-               "command": command, "machine": machine_info(dev), "settings": preset.to_dict(), "runs": []}
+               "command": command, "machine": machine_info(dev), "settings": preset.to_dict(),
+               "overrides": dict(overrides or {}), "runs": []}
     started, cpu_started = time.perf_counter(), time.process_time()
     grid = recall_grid(preset)
     index, count = shard
@@ -411,43 +539,54 @@ def run_recall(preset_name: str, device: str = "auto", progress: bool = True, co
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     mine = [(g, entry) for g, entry in enumerate(grid) if g % count == index]
-    for i, (grid_index, (num_pairs, width, seed, lr, mixer)) in enumerate(mine, 1):
+    earlier = {r["grid_index"]: r for r in (done or []) if r["grid_index"] % count == index}
+    results["runs"] = [earlier[g] for g, _ in mine if g in earlier]
+    left = [(g, entry) for g, entry in mine if g not in earlier]
+    for i, (grid_index, (num_pairs, width, seed, lr, mixer)) in enumerate(left, 1):
+        if stop_after is not None and time.perf_counter() - started > stop_after:
+            break
         want_model = checkpoint is not None and checkpoint_run == (mixer, width, num_pairs) and \
             seed == preset.seeds[0] and lr == preset.lrs[0]
         out = train_recall(mixer, width, num_pairs, seed, lr, preset, dev, return_model=want_model)
         record, model = out if want_model else (out, None)
         record["grid_index"] = grid_index
         results["runs"].append(record)
+        results["runs"].sort(key=lambda r: r["grid_index"])
         if model is not None:
             save_recall_checkpoint(model, checkpoint, record)
         if on_run is not None:
             on_run(results)
         if progress:
-            print(f"[{i}/{len(mine)}] {mixer:>7} width {width:>3} pairs {num_pairs:>2} seed {seed} lr {lr:g}: "
+            print(f"[{i}/{len(left)}] {mixer:>7} width {width:>3} pairs {num_pairs:>2} seed {seed} lr {lr:g}: "
                   f"accuracy {record['final_accuracy']:.3f} ({record['wall_s']:.0f} s)", file=sys.stderr, flush=True)
+    if len(results["runs"]) < len(mine):
+        results["partial"] = True
     results["summary"] = summarize_recall(results["runs"])
     results["wall_s"] = round(time.perf_counter() - started, 1)
     results["cpu_s"] = round(time.process_time() - cpu_started, 1)
     return results
 
 
-def merge_recall(parts: list[dict], command: str | None = None, wall_s: float | None = None) -> dict:
+def merge_recall(parts: list[dict], command: str | None = None, wall_s: float | None = None,
+                 allow_partial: bool = False) -> dict:
     """One results dict from the shards of one recall grid (``run_recall(..., shard=(i, n))``).
 
     The runs are put back in grid order; the summary is recomputed; cpu_s is the shards' sum and
     wall_s the given wall time (the shards ran side by side). Raises ValueError when the shards are
-    of different presets or a grid entry is missing or repeated.
+    of different grids or a grid entry is repeated, or missing (unless ``allow_partial``: the result
+    then says ``"partial": True``).
     """
     if not parts:
         raise ValueError("parts must hold at least one shard's results, got none")
-    presets = {p["preset"] for p in parts}
-    if len(presets) != 1:
-        raise ValueError(f"parts must come from one preset, got {sorted(presets)}")
-    preset = RECALL_PRESETS[presets.pop()]
-    size = len(recall_grid(preset))
+    settings = [json.dumps(p["settings"], sort_keys=True) for p in parts]
+    if len(set(settings)) != 1 or len({p["preset"] for p in parts}) != 1:
+        raise ValueError(f"parts must come from one grid (preset and settings), got presets "
+                         f"{sorted({p['preset'] for p in parts})} with {len(set(settings))} different settings")
+    size = len(recall_grid(preset_from_settings(parts[0]["settings"])))
     runs = sorted((r for p in parts for r in p["runs"]), key=lambda r: r["grid_index"])
     indices = [r["grid_index"] for r in runs]
-    if indices != list(range(size)):
+    complete = indices == list(range(size))
+    if len(indices) != len(set(indices)) or not (complete or allow_partial):
         missing = sorted(set(range(size)) - set(indices))
         raise ValueError(f"parts must cover the grid's {size} runs once each; missing {missing[:10]}, "
                          f"{len(indices) - len(set(indices))} repeated")
@@ -458,34 +597,70 @@ def merge_recall(parts: list[dict], command: str | None = None, wall_s: float | 
     merged["jobs"] = len(parts)
     merged["cpu_s"] = round(sum(p["cpu_s"] for p in parts), 1)
     merged["wall_s"] = round(wall_s if wall_s is not None else max(p["wall_s"] for p in parts), 1)
+    if not complete:
+        merged["partial"] = True
     return merged
 
 
 def _recall_in_processes(args, command: str, out: str) -> dict:
     """Run the recall grid as ``args.jobs`` shard processes side by side (one GPU is far from busy with
-    one of these tiny models) and merge their files."""
+    one of these tiny models) and merge their files.
+
+    Each shard writes its runs to ``OUT.parts/shard_I.json`` after every run, and every 10 s this
+    process merges what is there into OUT (marked ``"partial": true``), so a call that is cut off
+    keeps every finished run: ``--resume OUT`` carries on from it.
+    """
     import subprocess
 
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        procs, paths = [], []
-        for i in range(args.jobs):
-            path = os.path.join(tmp, f"shard_{i}.json")
-            cmd = [sys.executable, "-m", "glalearn.experiments", "recall", "--preset", args.preset,
-                   "--device", args.device, "--threads", str(args.threads), "--shard", f"{i}/{args.jobs}",
-                   "--out", path, "--checkpoint-run", args.checkpoint_run]
-            if args.checkpoint:
-                cmd += ["--checkpoint", args.checkpoint]
-            if args.quiet:
-                cmd.append("--quiet")
-            procs.append(subprocess.Popen(cmd))
-            paths.append(path)
-        codes = [p.wait() for p in procs]
-        if any(codes):
-            raise RuntimeError(f"recall shard processes exited with codes {codes} (their progress lines say "
-                               f"which runs finished); nothing was merged into {out}")
-        parts = [json.loads(Path(p).read_text()) for p in paths]
-    return merge_recall(parts, command, time.perf_counter() - started)
+    parts_dir = Path(str(out) + ".parts")
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    paths = [parts_dir / f"shard_{i}.json" for i in range(args.jobs)]
+    for path in paths:
+        path.unlink(missing_ok=True)
+    procs = []
+    for i, path in enumerate(paths):
+        cmd = [sys.executable, "-m", "glalearn.experiments", "recall", "--preset", args.preset,
+               "--device", args.device, "--threads", str(args.threads), "--shard", f"{i}/{args.jobs}",
+               "--out", str(path), "--checkpoint-run", args.checkpoint_run]
+        for item in args.set or []:
+            cmd += ["--set", item]
+        for flag, value in (("--checkpoint", args.checkpoint), ("--resume", args.resume),
+                            ("--stop-after", args.stop_after)):
+            if value is not None:
+                cmd += [flag, str(value)]
+        if args.quiet:
+            cmd.append("--quiet")
+        procs.append(subprocess.Popen(cmd))
+
+    def merged_so_far(allow_partial: bool) -> dict | None:
+        parts = []
+        for path in paths:
+            try:
+                parts.append(json.loads(path.read_text()))
+            except (FileNotFoundError, json.JSONDecodeError):
+                continue
+        parts = [p for p in parts if p.get("runs")]
+        if not parts:
+            return None
+        return merge_recall(parts, command, time.perf_counter() - started, allow_partial=allow_partial)
+
+    while any(p.poll() is None for p in procs):
+        time.sleep(10)
+        partial = merged_so_far(allow_partial=True)
+        if partial is not None:
+            _write_json({**partial, "partial": True}, out)
+    codes = [p.returncode for p in procs]
+    if any(codes):
+        raise RuntimeError(f"recall shard processes exited with codes {codes}; the runs that finished are "
+                           f"in {out} (marked partial): add --resume {out} to carry on")
+    results = merged_so_far(allow_partial=True)
+    if results is None:
+        raise RuntimeError(f"no recall run finished (the shards' files in {parts_dir} are empty)")
+    for path in paths:
+        path.unlink(missing_ok=True)
+    parts_dir.rmdir()
+    return results
 
 
 def save_recall_checkpoint(model: CausalLM, path: str | Path, record: dict) -> None:
@@ -632,8 +807,9 @@ def validate_results(data: dict) -> None:
         for i, run in enumerate(data["runs"]):
             where = f"results['runs'][{i}]"
             _require(run, _RECALL_RUN, where)
-            if run["mixer"] not in MIXERS:
-                raise ValueError(f"{where}['mixer'] must be one of {tuple(MIXERS)}, got {run['mixer']!r}")
+            if run["mixer"] not in MIXERS and run["mixer"] != "fla-gla":
+                raise ValueError(f"{where}['mixer'] must be one of {tuple(MIXERS) + ('fla-gla',)}, "
+                                 f"got {run['mixer']!r}")
             steps = [p["step"] for p in run["curve"]]
             if not steps or steps != sorted(set(steps)):
                 raise ValueError(f"{where}['curve'] must be non-empty with increasing steps, got {steps}")
@@ -656,6 +832,24 @@ def validate_results(data: dict) -> None:
                 raise ValueError(f"{where}['final_val_ppl'] is not exp(final_val_loss)")
     else:
         raise ValueError(f"results['experiment'] must be 'recall' or 'ablation', got {data['experiment']!r}")
+
+
+def _resumable_runs(path: str, preset: RecallPreset) -> list[dict]:
+    """The runs of an earlier results file of the same grid (``--resume``); ValueError if it is another grid."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--resume: no such results file: {path}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--resume: {path} is not valid JSON ({err})") from None
+    if not isinstance(data, dict) or data.get("experiment") != "recall" or not isinstance(data.get("runs"), list):
+        raise ValueError(f"--resume: {path} is not a recall results file")
+    if data.get("settings") != json.loads(json.dumps(preset.to_dict())):
+        theirs = data.get("settings") or {}
+        differ = sorted(k for k, v in preset.to_dict().items() if json.loads(json.dumps(v)) != theirs.get(k))
+        raise ValueError(f"--resume: {path} holds another grid (settings differ in {differ}); "
+                         f"use the same --preset and --set")
+    return data["runs"]
 
 
 def load_results(name: str) -> dict:
@@ -689,6 +883,12 @@ def main(argv: list[str] | None = None) -> int:
     recall.add_argument("--jobs", type=int, default=1,
                         help="run the grid as this many processes side by side on the device (default 1)")
     recall.add_argument("--shard", default="0/1", help=argparse.SUPPRESS)  # I/N: one process of --jobs
+    recall.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="change a preset field, e.g. --set steps=2000 --set lrs=1e-3,3e-3 (repeatable)")
+    recall.add_argument("--resume", metavar="FILE",
+                        help="keep the runs of this earlier (partial) results file of the same grid; run the rest")
+    recall.add_argument("--stop-after", type=float, metavar="SECONDS",
+                        help="start no run after this many seconds; the file is then marked partial (--resume it)")
     ablation = sub.add_parser("ablation", help="Table 4 in miniature: gates and heads on Tiny Shakespeare")
     ablation.add_argument("--preset", default="cpu", choices=sorted(ABLATION_PRESETS))
     ablation.add_argument("--out", help="results JSON (default: ablation_PRESET.json in the current folder)")
@@ -717,15 +917,27 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--shard must be I/N with 0 <= I < N, got {args.shard!r}")
         if args.jobs < 1:
             parser.error(f"--jobs must be >= 1, got {args.jobs}")
+        overrides = parse_overrides(args.set)
+        preset = recall_preset(args.preset, overrides)
+        for mixer in preset.mixers:
+            if mixer == "fla-gla" and not fla_available():
+                parser.error("mixer fla-gla needs flash-linear-attention, which does not import here")
+        done = _resumable_runs(args.resume, preset) if args.resume else None
         if args.jobs > 1:
             results = _recall_in_processes(args, command, out)
         else:
             results = run_recall(args.preset, args.device, not args.quiet, command, args.checkpoint, run,
                                  on_run=lambda partial: _write_json({**partial, "partial": True}, out),
-                                 shard=shard)
+                                 shard=shard, overrides=overrides, done=done, stop_after=args.stop_after)
             if shard[1] > 1:  # one shard of --jobs: the parent validates the merged file
                 _write_json(results, out)
                 return 0
+        if results.get("partial"):
+            _write_json(results, out)
+            total = len(recall_grid(preset))
+            print(f"recall ({args.preset}): {len(results['runs'])} of {total} runs in {results['wall_s']:.0f} s "
+                  f"-> {out} (partial: add --resume {out} to run the rest)")
+            return 0
     else:
         results = run_ablation(args.preset, args.device, not args.quiet, command)
     validate_results(results)
@@ -735,4 +947,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from glalearn.clierror import guarded
+
+    sys.exit(guarded("python -m glalearn.experiments", main))

@@ -112,6 +112,9 @@ class GatedLinearAttention(nn.Module):
         gate_low_rank_dim, gate_logit_normalizer: the gate's rank (16) and τ (16).
         norm_eps: epsilon of the per-head RMSNorm.
         chunk_size: C of the "chunk" and "two_level" backends.
+        qkv_conv: kernel size of a causal depthwise convolution followed by SiLU on each of q, k and v
+            right after their projections (0: none), as flash-linear-attention's ``use_short_conv`` and
+            Zoology's recall models place it. Parallel forms only (no recurrent step).
 
     ``check_inputs`` (default True) lets the forms validate their inputs; the trainer turns it off on a
     GPU, where each value check is a host-device synchronisation, and the "chunk" backend then calls
@@ -121,7 +124,7 @@ class GatedLinearAttention(nn.Module):
     def __init__(self, d_model: int, num_heads: int = 4, expand_k: float = 0.5, expand_v: float = 1.0,
                  gate: str = "vector", backend: str = "auto", gate_low_rank_dim: int = GATE_LOW_RANK_DIM,
                  gate_logit_normalizer: float = GATE_LOGIT_NORMALIZER, norm_eps: float = 1e-5,
-                 chunk_size: int = 64):
+                 chunk_size: int = 64, qkv_conv: int = 0):
         super().__init__()
         if gate not in GATES:
             raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
@@ -147,6 +150,13 @@ class GatedLinearAttention(nn.Module):
             self.gate_proj = LowRankGate(d_model, num_heads, gate_low_rank_dim, gate_logit_normalizer)
         elif gate == "fixed":
             self.register_buffer("fixed_log_decay", retnet_log_decay(num_heads), persistent=False)
+        if isinstance(qkv_conv, bool) or not isinstance(qkv_conv, int) or qkv_conv < 0:
+            raise ValueError(f"qkv_conv must be an int >= 0 (a kernel size, 0 for none), got {qkv_conv!r}")
+        self.qkv_conv = qkv_conv
+        if qkv_conv:
+            self.q_conv, self.k_conv, self.v_conv = (
+                nn.Conv1d(width, width, qkv_conv, groups=width, padding=qkv_conv - 1, bias=False)
+                for width in (key_dim, key_dim, value_dim))
         self.output_gate = nn.Linear(d_model, value_dim, bias=False)
         self.head_norm = nn.RMSNorm(self.head_v_dim, eps=norm_eps)
         self.o_proj = nn.Linear(value_dim, d_model, bias=False)
@@ -174,12 +184,25 @@ class GatedLinearAttention(nn.Module):
         """
         lead = x.shape[:-1]
         H = self.num_heads
-        q = self.q_proj(x).reshape(*lead, H, self.head_k_dim)
-        k = self.k_proj(x).reshape(*lead, H, self.head_k_dim)
-        v = self.v_proj(x).reshape(*lead, H, self.head_v_dim)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qkv_conv:
+            q, k, v = (self._causal_silu_conv(conv, t) for conv, t in
+                       ((self.q_conv, q), (self.k_conv, k), (self.v_conv, v)))
+        q = q.reshape(*lead, H, self.head_k_dim)
+        k = k.reshape(*lead, H, self.head_k_dim)
+        v = v.reshape(*lead, H, self.head_v_dim)
         if not keep_dtype:
             q, k, v = q.float(), k.float(), v.float()
         return q, k, v, self.log_gate(x)
+
+    @staticmethod
+    def _causal_silu_conv(conv: nn.Conv1d, t: torch.Tensor) -> torch.Tensor:
+        """silu(causal depthwise conv of t [B, T, width] over time): token t sees t - kernel + 1 .. t."""
+        if t.dim() != 3:
+            raise NotImplementedError("qkv_conv > 0 needs whole sequences [B, T, d]: the convolution's window "
+                                      "is not cached for recurrent steps")
+        T = t.shape[1]
+        return nn.functional.silu(conv(t.transpose(1, 2))[..., :T].transpose(1, 2))
 
     def finish(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         """Per-head RMSNorm, Swish output gate and output projection: o [..., H, d_v] -> [..., d_model]."""

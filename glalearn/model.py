@@ -74,6 +74,8 @@ class GLAConfig(LMConfig):
     gate_low_rank_dim: int = 16
     gate_logit_normalizer: float = 16.0
     chunk_size: int = 64
+    # Kernel size of the layer's own SiLU convolutions on q, k and v (GatedLinearAttention.qkv_conv; 0: none).
+    qkv_conv: int = 0
 
     def __post_init__(self):
         super().__post_init__()
@@ -324,7 +326,8 @@ class GLAForCausalLM(CausalLM):
                                        gate=config.gate, backend=config.backend,
                                        gate_low_rank_dim=config.gate_low_rank_dim,
                                        gate_logit_normalizer=config.gate_logit_normalizer,
-                                       norm_eps=config.norm_eps, chunk_size=config.chunk_size)
+                                       norm_eps=config.norm_eps, chunk_size=config.chunk_size,
+                                       qkv_conv=config.qkv_conv)
                   for _ in range(config.n_layers)]
         super().__init__(config, mixers)
 

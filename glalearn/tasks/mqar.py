@@ -10,6 +10,14 @@ Token ids: 0 is the filler ".", keys come from [1, vocab_size // 2), values from
 [vocab_size // 2, vocab_size). Keys are distinct within a sequence, values may repeat. Targets are the
 next-token labels, set only at the query positions (elsewhere IGNORE = -100, PyTorch's
 cross-entropy default), so accuracy counts the queried positions only.
+
+What stands between the queries: ``filler="zero"`` keeps the filler token 0 there (the layout as
+printed above); ``filler="random"`` replaces every filler by a token drawn uniformly from the whole
+vocabulary, as Zoology's generator does (``random_non_queries``). The difference matters to a linear
+mixer (chapter 10): every position writes k_t^T v_t into the state, and a single repeated filler
+writes the *same* outer product dozens of times, a component that outgrows the one pair a query
+needs; after the layer's per-head normalisation it drowns that pair and the gradient that would
+remove it (softmax attention simply looks past it). Random tokens write unrelated products instead.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import torch
 
 IGNORE = -100
 FILLER = 0
+FILLERS = ("zero", "random")
 
 
 @dataclass
@@ -41,6 +50,7 @@ def mqar_batch(
     num_queries: int | None = None,
     seed: int | None = None,
     generator: torch.Generator | None = None,
+    filler: str = "zero",
 ) -> MQARBatch:
     """A seeded batch of MQAR sequences (chapter 10).
 
@@ -48,7 +58,9 @@ def mqar_batch(
         batch_size: B;  seq_len: total tokens per sequence (>= 4 * num_pairs: pairs, then queries with
             their answers);  num_pairs: key-value pairs shown;  vocab_size: token ids in [0, vocab_size);
         num_queries: keys asked again (default num_pairs; each pair at most once);
-        seed / generator: randomness (a seed gives the same batch every time).
+        seed / generator: randomness (a seed gives the same batch every time);
+        filler: "zero" (the token 0 between the queries) or "random" (a uniformly random token of the
+            vocabulary at each such position, Zoology's protocol).
     Returns:
         MQARBatch with inputs/targets [B, seq_len]; the value of a query key is the target at the
         query's position and the next input token.
@@ -57,6 +69,8 @@ def mqar_batch(
                         ("vocab_size", vocab_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if filler not in FILLERS:
+        raise ValueError(f"filler must be one of {FILLERS}, got {filler!r}")
     num_queries = num_pairs if num_queries is None else num_queries
     if not 1 <= num_queries <= num_pairs:
         raise ValueError(f"num_queries must be in [1, num_pairs = {num_pairs}], got {num_queries}")
@@ -85,6 +99,9 @@ def mqar_batch(
     slots = torch.argsort(torch.rand(B, free_slots, generator=generator), dim=1)[:, :num_queries].sort(dim=1).values
     inputs, targets = mqar_layout(keys, values, asked, slots, seq_len)
     positions = 2 * n + 2 * slots  # [B, num_queries]
+    if filler == "random":
+        noise = torch.randint(0, vocab_size, inputs.shape, generator=generator)
+        inputs = torch.where(inputs == FILLER, noise, inputs)
     return MQARBatch(inputs=inputs, targets=targets, keys=keys, values=values, query_positions=positions)
 
 
