@@ -187,15 +187,21 @@ def latest_checkpoint(out: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+_STALE_RE = re.compile(r"\.(checkpoint-\d{8,}|train_log\.json)\.tmp-\d+|\.trash-checkpoint-\d{8,}-\d+")
+
+
 def remove_stale(out: Path) -> None:
-    """Remove what an interrupted write left behind: .checkpoint-*.tmp-* and .trash-* folders."""
+    """Remove what an interrupted write left behind in a run folder: the temporary folders of
+    checkpoints (.checkpoint-*.tmp-PID), the log's temporary file and checkpoints being deleted."""
     out = Path(out)
     if not out.is_dir():
         return
     for p in out.iterdir():
-        if p.is_dir() and ((p.name.startswith(f".{CHECKPOINT_PREFIX}") and ".tmp-" in p.name)
-                           or p.name.startswith(".trash-")):
-            shutil.rmtree(p, ignore_errors=True)
+        if _STALE_RE.fullmatch(p.name):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
 
 
 def prune(out: Path, keep: Path) -> None:

@@ -841,6 +841,19 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
     return log
 
 
+@contextmanager
+def _signals_ignored():
+    """SIGINT/SIGTERM ignored inside (a run that stops is reporting how to resume), restored after."""
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.signal(s, signal.SIG_IGN) for s in _StopRequest.SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def _resume_command(argv: list[str], dist: Dist) -> str:
     if dist.world_size > 1:
         return "the same torchrun command with --resume"
@@ -901,22 +914,25 @@ def main(argv=None) -> int:
     cfg.extra = {**cfg.extra, "preset": args.preset}
     dist = Dist.from_env()
     try:
-        with process_group(cfg.device) as dist:
-            command = "python -m glalearn.train " + " ".join(argv)
-            log = train(cfg, args.out, resume=args.resume, progress=not args.no_progress, dist=dist,
-                        command=command, handle_signals=True)
-    except TrainingInterrupted as stop:
-        if dist.is_main:
-            print(f"python -m glalearn.train: stopped by {signal.Signals(stop.signum).name} after step {stop.step} of "
-                  f"{stop.steps}; checkpoint in {stop.folder}. To continue: {_resume_command(argv, dist)}",
-                  file=sys.stderr)
-        return 128 + stop.signum
+        try:
+            with process_group(cfg.device) as dist:
+                command = "python -m glalearn.train " + " ".join(argv)
+                log = train(cfg, args.out, resume=args.resume, progress=not args.no_progress, dist=dist,
+                            command=command, handle_signals=True)
+        except TrainingInterrupted as stop:
+            with _signals_ignored():  # a further Ctrl-C while the line is printed changes nothing
+                if dist.is_main:
+                    print(f"python -m glalearn.train: stopped by {signal.Signals(stop.signum).name} after step "
+                          f"{stop.step} of {stop.steps}; checkpoint in {stop.folder}. To continue: "
+                          f"{_resume_command(argv, dist)}", file=sys.stderr)
+            return 128 + stop.signum
     except KeyboardInterrupt:  # before the first step, or a second Ctrl-C while a checkpoint was written
-        latest = checkpoint.latest_checkpoint(Path(args.out))
-        if dist.is_main:
-            where = (f"the latest complete checkpoint is {latest}. To continue: {_resume_command(argv, dist)}"
-                     if latest is not None else "no checkpoint was written")
-            print(f"python -m glalearn.train: interrupted; {where}", file=sys.stderr)
+        with _signals_ignored():
+            latest = checkpoint.latest_checkpoint(Path(args.out))
+            if dist.is_main:
+                where = (f"the latest complete checkpoint is {latest}. To continue: {_resume_command(argv, dist)}"
+                         if latest is not None else "no checkpoint was written")
+                print(f"python -m glalearn.train: interrupted; {where}", file=sys.stderr)
         return 130
     if dist.is_main:
         unit = "byte" if cfg.tokenizer == "byte" else "char"
@@ -925,4 +941,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(guarded("python -m glalearn.train", main))
+    status = guarded("python -m glalearn.train", main)
+    if status >= 128:  # stopped by a signal: no traceback from another one while the interpreter shuts down
+        for s in _StopRequest.SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+    sys.exit(status)

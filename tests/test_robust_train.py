@@ -257,7 +257,9 @@ def test_sigterm_and_a_kill_mid_write_never_leave_an_unloadable_checkpoint(tmp_p
     assert checkpoint.verify(folder, ("model.safetensors", "config.json", "train_state.safetensors",
                                       "train_state.json", "train_log.json")) == []
     load_checkpoint(out)
-    # the next --resume removes what the kill left half-written and continues from there
+    # the next --resume removes whatever a kill can leave half-written and continues from there
+    (out / f".checkpoint-{step + 1:08d}.tmp-99999").mkdir(exist_ok=True)
+    (out / ".train_log.json.tmp-99999").write_text("{")
     log = train(preset("tiny-cpu", steps=step + 2, batch_size=2, context=8, eval_interval=1000), out, resume=True,
                 progress=False)
     assert log["resumed_at"] == [step]
