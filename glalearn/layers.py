@@ -197,17 +197,17 @@ class GatedLinearAttention(nn.Module):
 
     # ------------------------------------------------------------------ whole sequence and one step
     def _check_x(self, name: str, x, rank: int, layout: str) -> None:
-        """The layer's input in its own words: a tensor of shape ``layout``, a dtype the weights take
-        (theirs, or bf16/fp16 under autocast), finite values (scanned only when ``check_inputs``)."""
+        """The layer's input in its own words: a tensor of shape ``layout``, a floating dtype the weights
+        take (theirs, or bf16/fp16 under autocast), finite values (scanned only when ``check_inputs``)."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor {layout}, got {type(x).__name__}")
         if x.dim() != rank or x.shape[-1] != self.d_model:
             raise ValueError(f"{name} must be {layout.replace('d_model', f'd_model={self.d_model}')}, "
                              f"got shape {tuple(x.shape)}")
         weight = self.q_proj.weight.dtype
-        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise TypeError(f"{name} must be float32, bfloat16 or float16 (the hidden states of a model), got {x.dtype}"
-                            + ("; token ids go through an embedding first" if not x.is_floating_point() else ""))
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor (float32, bfloat16 or float16 hidden states; float64 "
+                            f"for a layer in float64), got {x.dtype}; token ids go through an embedding first")
         if x.dtype != weight and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(f"{name} is {x.dtype} but the layer's weights are {weight}: cast {name} "
                             f"({name}.to({weight})), convert the layer (layer.to({x.dtype})), or run it under "

@@ -63,11 +63,13 @@ def test_layer_checks_x_in_its_own_words():
     layer = GatedLinearAttention(d_model=32, num_heads=2, backend="chunk", chunk_size=16)
     x = torch.randn(2, 7, 32)
     assert layer(x).shape == x.shape
-    with pytest.raises(TypeError, match=r"x must be float32, bfloat16 or float16 .* got torch.int64; token ids go "
-                                        "through an embedding first"):
+    with pytest.raises(TypeError, match=r"x must be a floating tensor .* got torch.int64; token ids go through an "
+                                        "embedding first"):
         layer(torch.randint(0, 100, (2, 7, 32)))
-    with pytest.raises(TypeError, match="x must be float32, bfloat16 or float16 .* got torch.float64"):
+    with pytest.raises(TypeError, match=r"x is torch.float64 but the layer's weights are torch.float32: cast x"):
         layer(x.double())
+    assert layer.double()(x.double()).dtype == torch.float64  # a float64 layer takes float64 x
+    layer.float()
     with pytest.raises(TypeError, match=r"x is torch.float16 but the layer's weights are torch.float32: cast x"):
         layer(x.half())
     bad = x.clone()
