@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 import torch
 
 from glalearn import chunk_gla, parallel_gla, recurrent_gla, two_level_chunk_gla
+from glalearn.clierror import guarded
 from glalearn.numerics import random_gla_inputs
 
 
@@ -117,6 +118,10 @@ def main(argv=None) -> int:
     if args.what != "forms":
         module = importlib.import_module(f"glalearn.bench_{args.what}")
         return module.main(rest)
+    if min(args.lengths) < 1:
+        raise ValueError(f"--lengths must be whole numbers of at least 1, got {min(args.lengths)}")
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be a whole number of at least 1, got {args.repeats}")
     rows = bench_forms(lengths=args.lengths, repeats=args.repeats)
     print(f"GLA forms on {machine_info()['processor']} ({torch.get_num_threads()} threads), torch {torch.__version__}")
     print("B=1, H=4, K=V=64, float32, g = logsigmoid(randn)/16; median seconds; 'x rec' = speedup over recurrent")
@@ -129,4 +134,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(guarded("python -m glalearn.bench", main))

@@ -25,6 +25,7 @@ import codecs
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib.resources import files
@@ -300,7 +301,8 @@ def load_corpus(path: str | Path, tokenizer: str = "char", cache_dir: str | Path
 
     The cache file is named by a fingerprint of the files (paths, sizes, modification times) and the
     tokenizer, so a later call (a resumed run, another rank) reuses it and an edited corpus is tokenized
-    anew. ``cache_dir`` defaults to a ``.glalearn-cache`` folder beside ``path``. Raises FileNotFoundError
+    anew. Its JSON sidecar records the token file's size and SHA-256: a cache that does not match them
+    (truncated, overwritten, damaged) is reported on stderr and rebuilt. ``cache_dir`` defaults to a ``.glalearn-cache`` folder beside ``path``. Raises FileNotFoundError
     for a missing path and ValueError for an empty file or folder, a binary or non-UTF-8 file.
     """
     if tokenizer not in TOKENIZERS:
@@ -310,10 +312,11 @@ def load_corpus(path: str | Path, tokenizer: str = "char", cache_dir: str | Path
     key = _fingerprint(files_, tokenizer)
     meta_path = cache_dir / f"corpus-{key}.json"
     if meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        tok_path = cache_dir / meta["tokens_file"]
-        if tok_path.exists() and tok_path.stat().st_size == meta["tokens"] * np.dtype(meta["dtype"]).itemsize:
-            return _open(meta, tok_path, files_)
+        meta, problem = _check_cache(meta_path)
+        if problem is None:
+            return _open(meta, cache_dir / meta["tokens_file"], files_)
+        print(f"--data: the token cache {meta_path.with_suffix('')}.* is {problem}; tokenizing the corpus again",
+              file=sys.stderr)
     cache_dir.mkdir(parents=True, exist_ok=True)
     if tokenizer == "byte":
         tok: CharTokenizer | ByteTokenizer = ByteTokenizer()
@@ -345,11 +348,45 @@ def load_corpus(path: str | Path, tokenizer: str = "char", cache_dir: str | Path
     finally:
         tmp.unlink(missing_ok=True)
     meta = {"tokens_file": tok_path.name, "tokens": count, "dtype": dtype.name, "tokenizer": tok.to_dict(),
-            "files": [str(f) for f in files_], "separator": FILE_SEPARATOR}
+            "files": [str(f) for f in files_], "separator": FILE_SEPARATOR,
+            "bytes": tok_path.stat().st_size, "sha256": _sha256(tok_path)}
     tmp_meta = meta_path.with_name(f"{meta_path.name}.{os.getpid()}.tmp")
     tmp_meta.write_text(json.dumps(meta, indent=1))
     os.replace(tmp_meta, meta_path)
     return _open(meta, tok_path, files_)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(BLOCK_BYTES):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_cache(meta_path: Path) -> tuple[dict | None, str | None]:
+    """(metadata, None) when the cached token file is intact, else (None, what is wrong with it).
+
+    Intact means: the JSON sidecar parses and names a tokenizer, and the token file has the size
+    and the SHA-256 the sidecar recorded when it was written (a truncated, overwritten or bit-flipped
+    file is tokenized anew, never read as token ids).
+    """
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        tok_path = meta_path.parent / meta["tokens_file"]
+        expected = int(meta["tokens"]) * np.dtype(meta["dtype"]).itemsize
+        tokenizer_from_dict(meta["tokenizer"])
+        recorded_bytes, recorded_hash = meta["bytes"], meta["sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return None, f"unreadable ({type(err).__name__}: {err})"
+    if not tok_path.is_file():
+        return None, f"incomplete ({tok_path.name} is missing)"
+    size = tok_path.stat().st_size
+    if size != recorded_bytes or size != expected:
+        return None, f"corrupt ({tok_path.name} is {size:,} bytes, its metadata says {recorded_bytes:,})"
+    if _sha256(tok_path) != recorded_hash:
+        return None, f"corrupt ({tok_path.name} does not match the SHA-256 in its metadata)"
+    return meta, None
 
 
 def _open(meta: dict, tok_path: Path, files_: list[Path]) -> Corpus:

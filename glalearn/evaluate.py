@@ -3,10 +3,10 @@
     python -m glalearn.evaluate shakespeare-gla --context 256 1024 4096 8192
     python -m glalearn.evaluate runs/tiny --context 128 512 --json results.json
 
-MODEL is a shipped model's name or a folder with model.safetensors + config.json. For each context
-length C the validation split (the last 10% of Tiny Shakespeare, 111,540 characters) is cut into
-consecutive windows of C + 1 tokens that overlap by one, so every token after the first is predicted
-exactly once, with up to C tokens before it. The loss is the mean over all of them, in nats per
+MODEL is a shipped model's name, a folder with model.safetensors + config.json, or a training run's
+folder (its latest checkpoint). For each context length C the validation split (the last 10% of Tiny
+Shakespeare, 111,540 characters) is cut into consecutive windows of C + 1 tokens that overlap by one,
+so every token after the first is predicted exactly once, with up to C tokens before it. The loss is the mean over all of them, in nats per
 character. Both models were trained at context 256: beyond it the Transformer meets positions it never
 saw, GLA only a longer run of its recurrence.
 """
@@ -22,22 +22,35 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from glalearn.data import eval_windows, shakespeare_splits
+from glalearn.clierror import guarded
+from glalearn.data import eval_windows, shakespeare_splits, shakespeare_tokenizer
 from glalearn.model import CausalLM
 
 
 def load_model(name_or_path: str, device: str | torch.device = "cpu") -> CausalLM:
-    """A shipped model by name, or a checkpoint folder (model.safetensors + config.json)."""
-    from glalearn.pretrained import PRETRAINED, load_pretrained
-    from glalearn.train import load_checkpoint
+    """A shipped model by name, or a checkpoint folder (model.safetensors + config.json) or training run,
+    through the loader of ``load_pretrained`` (errors name the missing or damaged file)."""
+    from glalearn.pretrained import PRETRAINED, load_from_dir, load_pretrained
 
     if name_or_path in PRETRAINED:
         return load_pretrained(name_or_path).to(device)
-    path = Path(name_or_path)
-    if not (path / "config.json").exists():
-        raise ValueError(f"MODEL must be one of {sorted(PRETRAINED)} or a folder with config.json and "
-                         f"model.safetensors, got {name_or_path!r}")
-    return load_checkpoint(path, device)
+    if not Path(name_or_path).exists():
+        raise FileNotFoundError(f"MODEL must be one of {sorted(PRETRAINED)} or a checkpoint folder (model.safetensors "
+                                f"+ config.json, or a training run's --out folder), got {name_or_path!r}, which "
+                                "does not exist")
+    return load_from_dir(name_or_path, device)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is available here; use --device cpu or auto")
+    return device
 
 
 @torch.no_grad()
@@ -82,12 +95,21 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    bad = [c for c in args.context if c < 1]
+    if bad:
+        raise ValueError(f"--context must be whole numbers of at least 1, got {bad[0]}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be a whole number of at least 1, got {args.batch_size}")
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        raise FileNotFoundError(f"--json {args.json}: the folder {Path(args.json).resolve().parent} does not exist")
+    device = _device(args.device)
     if device.type == "cuda":  # full float32 products, so GPU and CPU numbers agree
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     model = load_model(args.model, device)
+    if model.tokenizer.to_dict() != shakespeare_tokenizer().to_dict():
+        raise ValueError(f"MODEL {args.model} was trained with another tokenizer ({model.tokenizer!r}) than Tiny "
+                         "Shakespeare's 65 characters, which this evaluation measures")
     _, val_ids = shakespeare_splits()
     print(f"{args.model}: {model.num_parameters():,} parameters, validation split {len(val_ids):,} characters")
     print(f"{'context':>8} {'val loss':>9} {'windows':>8}")
@@ -108,4 +130,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(guarded("python -m glalearn.evaluate", main))

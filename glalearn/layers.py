@@ -130,7 +130,16 @@ class GatedLinearAttention(nn.Module):
             raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        for name, value in (("d_model", d_model), ("num_heads", num_heads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name, value in (("expand_k", expand_k), ("expand_v", expand_v)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
         key_dim, value_dim = int(d_model * expand_k), int(d_model * expand_v)
+        if key_dim < num_heads or value_dim < num_heads:
+            raise ValueError(f"the key width d_model*expand_k = {key_dim} and the value width d_model*expand_v = "
+                             f"{value_dim} must each be at least num_heads = {num_heads} (one channel per head)")
         if num_heads < 1 or key_dim % num_heads or value_dim % num_heads:
             raise ValueError(
                 f"num_heads must divide the key width d_model*expand_k = {key_dim} and the value width "
@@ -210,13 +219,33 @@ class GatedLinearAttention(nn.Module):
         return self.o_proj(o * nn.functional.silu(self.output_gate(x)))
 
     # ------------------------------------------------------------------ whole sequence and one step
+    def _check_x(self, name: str, x, rank: int, layout: str) -> None:
+        """The layer's input in its own words: a tensor of shape ``layout``, a floating dtype the weights
+        take (theirs, or bf16/fp16 under autocast), finite values (scanned only when ``check_inputs``)."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor {layout}, got {type(x).__name__}")
+        if x.dim() != rank or x.shape[-1] != self.d_model:
+            raise ValueError(f"{name} must be {layout.replace('d_model', f'd_model={self.d_model}')}, "
+                             f"got shape {tuple(x.shape)}")
+        weight = self.q_proj.weight.dtype
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor (float32, bfloat16 or float16 hidden states; float64 "
+                            f"for a layer in float64), got {x.dtype}; token ids go through an embedding first")
+        if x.dtype != weight and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"{name} is {x.dtype} but the layer's weights are {weight}: cast {name} "
+                            f"({name}.to({weight})), convert the layer (layer.to({x.dtype})), or run it under "
+                            "torch.autocast")
+        if self.check_inputs and x.numel() and not bool(torch.isfinite(x).all()):
+            bad = (~torch.isfinite(x)).nonzero()[0].tolist()
+            raise ValueError(f"{name} must be finite, but {name}[{', '.join(map(str, bad))}] = {x[tuple(bad)].item()} "
+                             "(the input of the GLA layer: look at what produced it)")
+
     def forward(self, x: torch.Tensor, state: torch.Tensor | None = None, output_final_state: bool = False):
         """y [B, T, d_model] for x [B, T, d_model]; with ``output_final_state`` also S_T [B, H, d_k, d_v].
 
         ``state`` (S_0, [B, H, d_k, d_v] float32) continues a sequence, e.g. after a prompt.
         """
-        if x.dim() != 3 or x.shape[-1] != self.d_model:
-            raise ValueError(f"x must be [B, T, d_model={self.d_model}], got shape {tuple(x.shape)}")
+        self._check_x("x", x, 3, "[B, T, d_model]")
         backend = resolve_backend(self.backend, x.device)
         # The kernels take bf16/fp16 q, k, v as they come (float32 state and gates inside); the PyTorch
         # forms compute in float32.
@@ -242,8 +271,7 @@ class GatedLinearAttention(nn.Module):
 
         O(1) work and memory per token however long the sequence: the state is all the layer keeps.
         """
-        if x_t.dim() != 2 or x_t.shape[-1] != self.d_model:
-            raise ValueError(f"x_t must be [B, d_model={self.d_model}], got shape {tuple(x_t.shape)}")
+        self._check_x("x_t", x_t, 2, "[B, d_model]")
         if state is None:
             state = self.init_state(x_t.shape[0], x_t.device)
         q, k, v, g = (t.to(state.dtype) for t in self.project(x_t))  # the state sets the precision

@@ -8,7 +8,8 @@ Transformer++ baseline — ship as package data under ``glalearn/assets/checkpoi
                         validation loss on a fixed slice measured when it was exported
     train_log.json      the loss, learning rate and throughput of every training step
 
-Nothing is downloaded. A corrupt or truncated file is an error that names it.
+Nothing is downloaded. A corrupt or truncated file, or weights that are not finite, is an error that
+names the file (and the tensor).
 """
 
 from __future__ import annotations
@@ -33,26 +34,11 @@ def checkpoint_dir(name: str) -> Path:
 
 
 def load_from_dir(path: str | Path, device: str | torch.device = "cpu") -> CausalLM:
-    """Load model.safetensors + config.json from ``path`` with clear errors for missing or damaged files."""
-    from safetensors import SafetensorError
-
+    """Load model.safetensors + config.json from ``path`` (or a training run's latest checkpoint) with
+    clear errors naming the missing or damaged file: the loader of ``glalearn.train.load_checkpoint``."""
     from glalearn.train import load_checkpoint
 
-    path = Path(path)
-    for fname in ("config.json", "model.safetensors"):
-        if not (path / fname).is_file():
-            raise FileNotFoundError(f"checkpoint file {path / fname} is missing")
-    try:
-        json.loads((path / "config.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path / 'config.json'} is corrupt (not valid JSON: {err})") from err
-    try:
-        return load_checkpoint(path, device)
-    except (SafetensorError, OSError) as err:
-        size = (path / "model.safetensors").stat().st_size
-        raise ValueError(f"{path / 'model.safetensors'} is corrupt or truncated ({size:,} bytes): {err}") from err
-    except (KeyError, TypeError) as err:
-        raise ValueError(f"{path / 'config.json'} is not a glalearn checkpoint config: {err!r}") from err
+    return load_checkpoint(path, device)
 
 
 def load_pretrained(name: str, device: str | torch.device = "cpu") -> CausalLM:

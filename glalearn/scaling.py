@@ -32,11 +32,15 @@ import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from glalearn.checkpoint import list_checkpoints
+from glalearn.clierror import guarded
 
 SCHEMA_VERSION = 1
 RESULTS_GLOB = "scaling_*.json"
@@ -69,8 +73,8 @@ def run_worker(args: argparse.Namespace) -> int:
         command = "python -m glalearn.scaling worker " + " ".join(args.argv)
         train(cfg, args.out, progress=False, dist=dist, command=command)
     if dist.is_main and not args.keep_checkpoints:  # only the log is measured; weights would be large files
-        for path in Path(args.out).glob("*.safetensors"):
-            path.unlink()
+        for _, path in list_checkpoints(Path(args.out)):
+            shutil.rmtree(path)
     return 0
 
 
@@ -117,6 +121,8 @@ def median_tokens_per_s(log: dict, warmup: int) -> float:
 def launch(name: str, nproc: int, accum: int, args: argparse.Namespace, timeout: float) -> dict:
     """One torchrun of the worker; returns its record (log summary, or the error and the output's tail)."""
     out = Path(args.out) / name
+    if out.is_dir() and (out / "train_log.json").exists():  # this driver's own run of an earlier run-all
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            "-m", "glalearn.scaling", "worker", *_worker_args(args, accum, out)]
@@ -326,10 +332,7 @@ def main(argv=None) -> int:
         args.argv = argv[1:]
         return run_worker(args)
     command = "python -m glalearn.scaling " + " ".join(argv)
-    try:
-        results = run_all(args, command)
-    except ValueError as err:
-        parser.error(str(err))
+    results = run_all(args, command)  # its ValueErrors are the user's: one line from guarded()
     path = Path(args.json) if args.json else Path(args.out) / f"scaling_{device_slug(results['machine'])}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=1))
@@ -339,4 +342,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(guarded("python -m glalearn.scaling", main))

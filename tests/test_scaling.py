@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from glalearn import scaling
+from glalearn.clierror import guarded
 
 
 @pytest.mark.slow
@@ -58,9 +59,10 @@ def test_median_and_slug_and_bad_arguments(tmp_path, capsys):
     assert scaling._rank_counts(2) == [1, 2] and scaling._rank_counts(8) == [1, 2, 4, 8]
     for bad, match in [(["--gpus", "1"], "--gpus must be at least 2"), (["--steps", "5", "--warmup", "5"],
                                                                          "--warmup must be below --steps")]:
-        with pytest.raises(SystemExit):
-            scaling.main(["run-all", "--out", str(tmp_path), "--device", "cpu", *bad])
-        assert match in capsys.readouterr().err
+        assert guarded("python -m glalearn.scaling", scaling.main,
+                       ["run-all", "--out", str(tmp_path), "--device", "cpu", *bad]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"python -m glalearn.scaling: error: {match}")
 
 
 def test_any_split_of_the_batch_gives_the_full_batch_gradient(one_thread):

@@ -32,10 +32,10 @@ def test_a_few_steps_reduce_the_loss(tmp_path, name):
 
 def test_checkpoint_round_trip(tmp_path):
     train(_cfg(), tmp_path, progress=False)
-    files = {p.name for p in tmp_path.iterdir()}
-    assert {"model.safetensors", "config.json", "train_log.json", "train_state.safetensors",
-            "train_state.json"} <= files
-    assert not any(name.endswith((".pt", ".pth", ".pkl", ".bin")) for name in files)
+    assert {p.name for p in tmp_path.iterdir()} == {"train_log.json", "checkpoint-00000004"}  # the last one only
+    files = {p.name for p in (tmp_path / "checkpoint-00000004").iterdir()}
+    assert files == {"model.safetensors", "config.json", "train_log.json", "train_state.safetensors",
+                     "train_state.json", "manifest.json"}
     model = load_checkpoint(tmp_path)
     again = tmp_path / "again"
     save_checkpoint(model, again, {"note": "re-saved"})
@@ -242,8 +242,8 @@ def test_torchrun_fsdp2_matches_one_process_and_checkpoints_round_trip(tmp_path,
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = json.loads((tmp_path / "run" / "train_log.json").read_text())
     assert log["parallel"] == "fsdp2" and log["world_size"] == 2 and log["resumed_at"] == [2]
-    files = {p.name for p in (tmp_path / "run").iterdir()}
-    assert {"model.safetensors", "config.json", "train_state.safetensors"} <= files
+    files = {p.name for p in (tmp_path / "run" / "checkpoint-00000004").iterdir()}
+    assert {"model.safetensors", "config.json", "train_state.safetensors", "manifest.json"} <= files
     assert not any(name.endswith((".pt", ".pth", ".bin", ".distcp")) for name in files)
     # the FSDP-written checkpoint is the full model and loads in one process
     fsdp_model = load_checkpoint(tmp_path / "run")

@@ -11,6 +11,7 @@ message from the recurrent form as from the Triton kernel.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,7 @@ class GLAInputs:
     scale: float
     compute_dtype: torch.dtype  # float64 if the inputs are float64, else float32
     out_dtype: torch.dtype  # the dtype of q (o is returned in it)
+    check_values: bool = True  # whether values were scanned (and the float16 output is checked)
 
 
 def _describe(x: torch.Tensor) -> str:
@@ -112,6 +114,8 @@ def validate(
         scale = K**-0.5
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float (default K ** -0.5), got {scale!r}")
+    elif not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a finite number > 0 (default K ** -0.5 = {K ** -0.5:.4g}), got {scale!r}")
     if check_values:
         for name, x in (("q", q), ("k", k), ("v", v), ("g", g)):
             _check_finite(name, x)
@@ -129,8 +133,33 @@ def validate(
     return GLAInputs(
         B=B, T=T, H=H, K=K, V=V, scale=float(scale),
         compute_dtype=torch.float64 if float64 else torch.float32,
-        out_dtype=q.dtype,
+        out_dtype=q.dtype, check_values=check_values,
     )
+
+
+# float16 rounds every value of magnitude 65520 or more to inf (its largest finite value is 65504).
+FLOAT16_OVERFLOW = 65520.0
+
+
+def cast_output(o: torch.Tensor, info: GLAInputs, check: bool = True) -> torch.Tensor:
+    """o in the dtype of q. For float16 inputs (with value checks on) first make sure it fits.
+
+    The forms compute in float32, but float16 holds magnitudes up to 65504 only, and with float16
+    inputs the two-level form also rounds its products' operands to float16: a large output, or an
+    overflow inside the form, would come back as inf or NaN without a word. Raises ValueError that
+    says so and names the fix (bfloat16 has float32's range in the same two bytes, or float32).
+    """
+    if check and info.check_values and info.out_dtype == torch.float16 and o.numel():
+        largest = o.detach().abs().amax().item()
+        if not largest < FLOAT16_OVERFLOW:  # NaN compares False too
+            found = (f"|o| reaches {largest:.4g}" if math.isfinite(largest)
+                     else "an intermediate product overflowed inside the form (o came out inf or NaN)")
+            raise ValueError(
+                "the output o overflows float16: the inputs are float16, so o is returned in float16 (largest "
+                f"finite value 65504), but {found}. Pass bfloat16 inputs (float32's range in two bytes) or "
+                "float32 inputs instead, e.g. q.bfloat16() or q.float() (and the same for k and v)"
+            )
+    return o.to(info.out_dtype)
 
 
 def empty_result(q, v, initial_state, output_final_state: bool, info: GLAInputs):

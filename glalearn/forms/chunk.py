@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from glalearn.forms._contract import check_power_of_two, empty_result, validate
+from glalearn.forms._contract import cast_output, check_power_of_two, empty_result, validate
 
 # The intra-chunk score tensors [chunks, C, C, K] are processed in groups of at most this many elements.
 _GROUP_ELEMENTS = 1 << 22
@@ -290,4 +290,4 @@ def chunk_gla(
     o, final = ChunkGLAFunction.apply(
         q.to(dt), k.to(dt), v.to(dt), g.to(dt), S0, info.scale, chunk_size, output_final_state
     )
-    return o.to(info.out_dtype), (final if output_final_state else None)
+    return cast_output(o, info), (final if output_final_state else None)

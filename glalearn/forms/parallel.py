@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from glalearn.forms._contract import empty_result, validate
+from glalearn.forms._contract import cast_output, empty_result, validate
 
 # Row blocks of the log-space form are sized so one block's [rows, T, K] tensor stays this small.
 _LOG_SPACE_BLOCK_ELEMENTS = 1 << 23
@@ -85,7 +85,7 @@ def parallel_gla(
             final = k_decayed.transpose(-1, -2) @ v
             if S0 is not None:
                 final = final + G_T.transpose(-1, -2).to(dt).exp() * S0
-    return o.transpose(1, 2).to(info.out_dtype), final
+    return cast_output(o.transpose(1, 2), info, check=log_space), final  # the textbook form may overflow
 
 
 def _log_space_output(q, k, v, G, mask, scale):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from glalearn.forms._contract import empty_result, validate
+from glalearn.forms._contract import cast_output, empty_result, validate
 
 
 def recurrent_step(
@@ -65,5 +65,5 @@ def recurrent_gla(
     for t in range(info.T):
         o_t, state = recurrent_step(state, q[:, t], k[:, t], v[:, t], g[:, t], info.scale)
         outputs.append(o_t)
-    o = torch.stack(outputs, dim=1).to(info.out_dtype)
+    o = cast_output(torch.stack(outputs, dim=1), info)
     return o, (state if output_final_state else None)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from glalearn.forms._contract import check_power_of_two, empty_result, validate
+from glalearn.forms._contract import cast_output, check_power_of_two, empty_result, validate
 from glalearn.forms.chunk import (
     chunk_local_cumsum,
     from_chunks,
@@ -307,7 +307,7 @@ def two_level_chunk_gla(
     S0 = None if initial_state is None else initial_state.to(dt)
     if diagonal == "guarded":
         o, final = _guarded_chunks(qc, kc, vc, gc, S0, L, matmul_dtype, info.scale)
-        return from_chunks(o, info.T).to(info.out_dtype), (final if output_final_state else None)
+        return cast_output(from_chunks(o, info.T), info), (final if output_final_state else None)
     *lead, _, K = qc.shape
     S = C // L
     decays = sub_chunk_decays(gc, L)
@@ -322,7 +322,7 @@ def two_level_chunk_gla(
     o_inter = matmul(q_decayed.reshape(*lead, C, K), states, matmul_dtype)
     P = _scores(qs, ks, decays, matmul_dtype, diagonal).reshape(*lead, C, C)
     o = info.scale * (o_inter + matmul(P, vc, matmul_dtype))
-    return from_chunks(o, info.T).to(info.out_dtype), (final if output_final_state else None)
+    return cast_output(from_chunks(o, info.T), info), (final if output_final_state else None)
 
 
 def _guarded_chunks(qc, kc, vc, gc, S0, sub_chunk_size, matmul_dtype, scale):
