@@ -109,7 +109,7 @@ LAYER_FORWARD = Exercise(
         "checked."
     ),
     hints=(
-        "Reshape each projection to [B, T, H, d] with .view(B, T, num_heads, -1); the forms take that layout.",
+        "Reshape each projection to [B, T, H, K] (v to [B, T, H, V]) with .view(B, T, num_heads, -1); the forms take that layout.",
         "The gate is logsigmoid(...) divided by τ = 16, and it is a log gate: pass it to the form as g.",
         ("o, _ = chunk_gla(q, k, v, g); o = F.rms_norm(o, (o.shape[-1],), w_norm, 1e-5).flatten(2); "
          "y = (o * F.silu(x @ W_r)) @ W_o"),
@@ -121,7 +121,7 @@ LAYER_FORWARD = Exercise(
     forbidden=("glalearn.layers.GatedLinearAttention.forward", layer_from_weights),
     mistakes=(
         Mistake("the gate is not divided by τ = 16: g = logsigmoid(x W_1 W_2 + b) / 16", _no_tau),
-        Mistake("the RMSNorm runs over all heads at once; it must normalize each head's d_v channels",
+        Mistake("the RMSNorm runs over all heads at once; it must normalize each head's V channels",
                 _norm_over_all_heads),
         Mistake("the output gate uses sigmoid; the paper's is Swish: silu(z) = z · sigmoid(z)", _sigmoid_output_gate),
         Mistake("the per-head RMSNorm is missing (only its weight is applied)", _no_norm),

@@ -57,9 +57,9 @@ LAYER_STEP = Exercise(
     ),
     hints=(
         "Per head, this is chapter 1's recurrent step; around it are the layer's projections of exercise 8.1.",
-        "Reshape the projections to [B, H, d]: q = (x_t @ W_q).view(B, H, -1). The gate scales the ROWS of S.",
+        "Reshape the projections to [B, H, K] (v to [B, H, V]): q = (x_t @ W_q).view(B, H, -1). The gate scales the ROWS of S.",
         ("new = g.exp().unsqueeze(-1) * state + k.unsqueeze(-1) * v.unsqueeze(-2); "
-         "o = d_k ** -0.5 * (q.unsqueeze(-2) @ new).squeeze(-2); then rms_norm per head, flatten, silu gate, @ W_o"),
+         "o = K ** -0.5 * (q.unsqueeze(-2) @ new).squeeze(-2); then rms_norm per head, flatten, silu gate, @ W_o"),
     ),
     reference=gla_layer_step,
     cases=_cases,
