@@ -400,7 +400,8 @@ def _status_from_cells(end: int, end_positions: list[int], runs: dict[int, CellR
     errors = [i for i in span if runs[i].state == "error"]
     if errors:
         first, last = errors[0], errors[-1]
-        text = f"{runs[first].ename}: {runs[first].evalue} (in cell {origin.get(first, first) + 1})"
+        where = f"in cell {origin[first] + 1}" if first in origin else "in your function, run on the grader's inputs"
+        text = f"{runs[first].ename}: {runs[first].evalue} ({where})"
         if last != first:
             text += f"; then {runs[last].ename}: {runs[last].evalue}"
         return ERROR, text

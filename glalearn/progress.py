@@ -209,7 +209,7 @@ def record(path: str | Path, grade) -> list[str]:
             problems.append(_set_aside(target, str(exc)))
     data = {
         "format": FORMAT, "notebook": str(Path(path).resolve()),
-        "graded_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "graded_at": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
         "score": grade.score, "max_score": grade.max_score,
         "exercises": {e.id: {"status": e.status, "points": e.points, "max_points": e.max_points}
                       for e in grade.exercises},
@@ -260,9 +260,9 @@ def report(exercises_dir: Path | None = None) -> str:
         passed = sum(1 for e in exs if e.id in latest and latest[e.id][2]["status"] == PASSED)
         worth = sum(e.points for e in exs)
         where = sorted({_shown(nb) for _, nb, _ in seen})
-        when = max(at for at, _, _ in seen)
+        when = max(at for at, _, _ in seen)[:19].replace("T", " ")
         lines.append(f"  {stem:<36} {points:>2}/{worth:<2} points  {passed}/{len(exs)} passed  "
-                     f"(graded {when}: {', '.join(where)})")
+                     f"(graded {when} UTC: {', '.join(where)})")
         total += points
         graded_max += worth
     all_points = sum(e.points for e in checks.exercises().values())

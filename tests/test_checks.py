@@ -547,8 +547,31 @@ def _gla_step_vk_layout(x_t, state, W_q, W_k, W_v, W_1, W_2, b, W_r, w_norm, W_o
     return (o * F.silu(x_t @ W_r)) @ W_o, new_state
 
 
-@pytest.mark.parametrize(("exercise_id", "learner"), [("1.1", _step_vk_layout), ("3.4", _inter_vk_layout),
-                                                       ("9.1", _gla_step_vk_layout)])
+def _recurrent_vk_layout(q, k, v, g, scale=None, initial_state=None):
+    B, T, H, K = q.shape
+    S = q.new_zeros(B, H, v.shape[-1], K) if initial_state is None else initial_state  # [V, K]
+    outs = []
+    for t in range(T):
+        o_t, S = _step_vk_layout(S, q[:, t], k[:, t], v[:, t], g[:, t], K ** -0.5 if scale is None else scale)
+        outs.append(o_t)
+    return torch.stack(outs, 1), S
+
+
+def _chunk_states_vk_layout(k_chunks, v_chunks, G, initial_state=None):
+    gamma = G[:, :, :, -1:, :]
+    updates = v_chunks.transpose(-1, -2) @ (k_chunks * (gamma - G).exp())  # [V, K]
+    S = k_chunks.new_zeros(*k_chunks.shape[:2], v_chunks.shape[-1], k_chunks.shape[-1]) \
+        if initial_state is None else initial_state
+    states = []
+    for n in range(k_chunks.shape[2]):
+        states.append(S)
+        S = gamma[:, :, n].exp() * S + updates[:, :, n]  # decays the columns (key channels) of [V, K]
+    return torch.stack(states, 2), S
+
+
+@pytest.mark.parametrize(("exercise_id", "learner"), [
+    ("1.1", _step_vk_layout), ("1.2", _recurrent_vk_layout), ("3.2", _chunk_states_vk_layout),
+    ("3.4", _inter_vk_layout), ("9.1", _gla_step_vk_layout)])
 def test_a_state_kept_as_v_by_k_is_named_not_a_raw_torch_error(exercise_id, learner):
     result = run_check(checks.get(exercise_id), learner)
     assert result.points == 0 and result.status in (FAILED, ERROR), result.message
