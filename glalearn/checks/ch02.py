@@ -100,10 +100,10 @@ LOG_SPACE = Exercise(
     ),
     hints=(
         "exp(G_t) · exp(-G_s) = exp(G_t - G_s): take the difference of the logs first, exponentiate after.",
-        ("With G [B, H, T, K], D = G[:, :, :, None, :] - G[:, :, None, :, :] is [B, H, T, T, K]; mask s > t "
+        ("With G [B, H, T, K], the exponents E = G[:, :, :, None, :] - G[:, :, None, :, :] are [B, H, T, T, K]; mask s > t "
          "with -inf BEFORE exp so those entries become exactly 0."),
-        ("P = (q[:, :, :, None, :] * k[:, :, None, :, :] * D.masked_fill(~mask[..., None], "
-         "float('-inf')).exp()).sum(-1); o = scale * P @ v."),
+        ("A = (q[:, :, :, None, :] * k[:, :, None, :, :] * E.masked_fill(~mask[..., None], "
+         "float('-inf')).exp()).sum(-1); o = scale * A @ v."),
     ),
     reference=_reference,
     cases=_cases(((1, 1, 1, 16, 16, 1.0), (2, 63, 2, 20, 36, 0.1), (1, 65, 3, 24, 40, 16.0), (1, 200, 1, 12, 20, 0.1))),

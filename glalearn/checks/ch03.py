@@ -200,9 +200,9 @@ INTRA = Exercise(
     ),
     hints=(
         "This is chapter 2's log-space form, applied to every chunk at once, with G restarting at each chunk.",
-        ("D = G[..., :, None, :] - G[..., None, :, :] is [B, H, N, C, C, K] (query i, key j, channel k); "
+        ("The exponents E = G[..., :, None, :] - G[..., None, :, :] are [B, H, N, C, C, K] (query i, key j, channel c); "
          "mask j > i with -inf before exp."),
-        ("P = (q[..., :, None, :] * k[..., None, :, :] * D.masked_fill(~mask[..., None], float('-inf')).exp())"
+        ("P = (q[..., :, None, :] * k[..., None, :, :] * E.masked_fill(~mask[..., None], float('-inf')).exp())"
          ".sum(-1); return scale * P @ v_chunks."),
     ),
     reference=_intra_reference,

@@ -152,7 +152,7 @@ SUB_CHUNK_SCORES = Exercise(
     hints=(
         ("Loop over query sub-chunks u and key sub-chunks w ≤ u (C / L of each); w < u is 4.1's block, w = u the "
          "log-space form of chapter 3 on L rows."),
-        ("For the diagonal block use exponents inside the block: D = G_u[..., :, None, :] - G_u[..., None, :, :], "
+        ("For the diagonal block use exponents inside the block: E = G_u[..., :, None, :] - G_u[..., None, :, :], "
          "masked with -inf where j > i before exp."),
         ("P = q.new_zeros(*q.shape[:-1], C); for u in range(C // L): for w in range(u): P[..., u*L:(u+1)*L, "
          "w*L:(w+1)*L] = sub_chunk_block(...); then P[..., u-block, u-block] = the masked log-space scores."),
