@@ -200,8 +200,10 @@ class Exercise:
 
 
 def is_triton_kernel(obj) -> bool:
-    """A ``@triton.jit`` function (compiled or interpreted), without importing Triton."""
-    return any(c.__name__ == "KernelInterface" and c.__module__.startswith("triton") for c in type(obj).__mro__)
+    """A ``@triton.jit`` function (compiled or interpreted), without importing Triton (older Tritons'
+    InterpretedFunction does not derive from KernelInterface, so the class names are checked too)."""
+    names = ("KernelInterface", "JITFunction", "InterpretedFunction")
+    return any(c.__name__ in names and c.__module__.startswith("triton") for c in type(obj).__mro__)
 
 
 def _fn_name(fn) -> str:
