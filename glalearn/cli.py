@@ -1,18 +1,32 @@
 """The `glalearn` command: `glalearn doctor | grade NOTEBOOK... | progress`.
 
-Each subcommand lives in its own module with a `main(argv) -> int`; this file only dispatches.
+Each subcommand lives in its own module with a `main(argv) -> int`; this file dispatches, and runs it
+through :func:`glalearn.clierror.guarded`, so a user error is one line `glalearn grade: error: ...` on
+stderr with exit status 2 (`--debug` shows the traceback instead). :class:`OneLineParser` makes
+argparse's own errors (an unknown option, a value that is not a number) follow the same rule.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
+
+from glalearn.clierror import UserError, guarded
 
 COMMANDS = {
     "doctor": ("glalearn.diagnostics", "check this machine: versions, GPU or Triton interpreter, widgets"),
     "grade": ("glalearn.grade", "grade exercise notebooks: glalearn grade NOTEBOOK... [--json FILE]"),
-    "progress": ("glalearn.progress", "your last score on every exercise notebook"),
+    "progress": ("glalearn.progress", "your latest result on every exercise"),
 }
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are :class:`UserError` s (one line through ``guarded``), not a
+    usage block and ``SystemExit(2)``."""
+
+    def error(self, message: str):
+        raise UserError(message)
 
 
 def usage() -> str:
@@ -28,11 +42,13 @@ def main(argv=None) -> int:
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"glalearn: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        print(f"glalearn: error: unknown command {name!r} (commands: {', '.join(COMMANDS)})", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    return guarded(f"glalearn {name}", module.main, rest)
 
+
+__all__ = ["COMMANDS", "OneLineParser", "UserError", "main", "usage"]
 
 if __name__ == "__main__":
     sys.exit(main())

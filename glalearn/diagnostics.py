@@ -11,7 +11,6 @@ Exit code: 0 when nothing is wrong, 1 when there is a problem.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import importlib.metadata
 import json
@@ -338,7 +337,9 @@ def doctor(env=None) -> DoctorReport:
 
 def main(argv=None) -> int:
     """`glalearn doctor [--json]`: print the report; exit 0 when there is no problem, else 1."""
-    parser = argparse.ArgumentParser(prog="glalearn doctor", description=__doc__.splitlines()[0])
+    from glalearn.cli import OneLineParser
+
+    parser = OneLineParser(prog="glalearn doctor", description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
     report = diagnose()
@@ -347,4 +348,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from glalearn.clierror import guarded
+
+    sys.exit(guarded("glalearn doctor", main))

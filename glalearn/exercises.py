@@ -38,6 +38,17 @@ class MarkerError(ValueError):
     """A solution notebook's markers are nested, unclosed or unopened, or a region has no check."""
 
 
+def statement_markdown(exercise) -> str:
+    """The markdown cell that states an exercise in its solutions notebook (and so in exercises/).
+
+    Generated from the registry (``glalearn.checks``), so the notebook and ``glalearn.describe`` say the
+    same; ``tests/test_exercises.py`` fails when a notebook's statement cell differs from it.
+    """
+    plural = "s" if exercise.points != 1 else ""
+    return (f"## Exercise {exercise.id} · {exercise.title} ({exercise.points} point{plural})\n\n"
+            f"{exercise.statement}\n\n`{exercise.signature}`")
+
+
 def stub_line(indent: str, exercise_id: str, title: str) -> str:
     return f'{indent}raise NotImplementedError("Exercise {exercise_id} ({title}): write your solution here")'
 

@@ -4,7 +4,7 @@
     glalearn.check("3.2", chunk_states)           # run your function against the library
     glalearn.check("3.2", chunk_states, hint=1)   # ... with the first hint (2, 3: stronger)
 
-Each chapter's exercises live in one module (``ch01.py`` ... ``ch05.py``) that defines ``NOTEBOOK``
+Each chapter's exercises live in one module (``ch01.py`` ... ``ch10.py``) that defines ``NOTEBOOK``
 (the stem of its notebook in ``solutions/`` and ``exercises/``) and ``EXERCISES`` (a list of
 :class:`Exercise`). A new chapter's module is added with one line in :data:`CHAPTER_MODULES`.
 """
@@ -18,17 +18,18 @@ from glalearn.checks.core import (
     _REGISTRY,
     ERROR,
     FAILED,
-    MIME_TYPE,
     NOT_STARTED,
     PASSED,
     STATUSES,
     TIMED_OUT,
+    Answer,
     Case,
-    CheckFailed,
     CheckResult,
     Exercise,
     Mistake,
     check_exercise,
+    collect_answers,
+    evaluate,
     register,
     run_check,
     show_hints,
@@ -83,21 +84,24 @@ def for_notebook(notebook_stem: str) -> list[Exercise]:
     return [e for e in exercises().values() if e.notebook == notebook_stem]
 
 
-def check(exercise_id: str, fn: Callable, hint: int | None = None, seed: int | None = None) -> None:
+def check(exercise_id: str, fn: Callable, hint: int | None = None, seed: int | None = None) -> CheckResult | None:
     """Check your solution of an exercise on fresh random inputs against the library's reference.
 
     Prints one line per test case (sizes and gate strength, max abs error, relative error, pass/fail),
-    where the first failing output first diverges, and what the mistake looks like when it is a known
-    one. ``hint=1..3`` prints progressively stronger hints first. ``seed`` repeats a run exactly (the
-    seed of every run is printed).
+    where the first failing output first diverges, what the mistake looks like when it is a known one,
+    and the verdict. ``hint=1..3`` prints progressively stronger hints first. ``seed`` repeats a run
+    exactly (the seed of every run is printed).
 
-    Not implemented yet (the stub raises NotImplementedError): one friendly "not started" line.
-    Wrong outputs, shapes or dtypes: raises :class:`CheckFailed` (an ``AssertionError``).
-    An exception inside your function is re-raised after the report, so its traceback shows your code.
-    For the result as data, use :func:`run_check` (``run_check(get("3.2"), fn)``).
+    Returns the :class:`CheckResult` (``.status``, ``.passed``, ``.points``, ``.cases``, ``.table()``)
+    and never raises for a wrong answer, so *Run All* goes on to the next exercise. Not implemented yet
+    (the stub raises NotImplementedError): one friendly "not started" line. An exception inside your
+    function is reported with the lines of your code it passed through.
+
+    This is feedback, not the grade: ``glalearn grade NOTEBOOK`` runs your function on inputs it draws
+    itself and compares in its own process. While your function runs here or there, the library's own
+    answer to the exercise raises (returning it scores nothing).
     """
-    __tracebackhide__ = True
-    check_exercise(get(exercise_id), fn, hint=hint, seed=seed)  # returns nothing: no echo in a notebook
+    return check_exercise(get(exercise_id), fn, hint=hint, seed=seed)
 
 
 def hints(exercise_id: str, level: int = 3) -> None:
@@ -112,7 +116,7 @@ def describe(exercise_id: str) -> None:
 
 
 __all__ = [
-    "CHAPTER_MODULES", "ERROR", "FAILED", "MIME_TYPE", "NOT_STARTED", "PASSED", "STATUSES", "TIMED_OUT",
-    "Case", "CheckFailed", "CheckResult", "Exercise", "Mistake", "check", "describe", "exercises",
-    "for_notebook", "get", "hints", "register", "run_check",
+    "CHAPTER_MODULES", "ERROR", "FAILED", "NOT_STARTED", "PASSED", "STATUSES", "TIMED_OUT",
+    "Answer", "Case", "CheckResult", "Exercise", "Mistake", "check", "collect_answers", "describe", "evaluate",
+    "exercises", "for_notebook", "get", "hints", "register", "run_check",
 ]

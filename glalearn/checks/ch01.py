@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from glalearn.checks.core import Case, Exercise, Mistake
+from glalearn.checks.core import FORMS, KV_TRANSPOSED, Case, Exercise, Mistake
 from glalearn.checks.inputs import GRID, gla_inputs, label, log_gate, randn
 from glalearn.forms.parallel import parallel_gla
 from glalearn.forms.recurrent import recurrent_step
@@ -46,6 +46,11 @@ def _step_no_scale(state, q_t, k_t, v_t, g_t, scale):
     return recurrent_step(state, q_t, k_t, v_t, g_t, 1.0)
 
 
+def _step_kv_transposed(state, q_t, k_t, v_t, g_t, scale):
+    state = state * g_t.exp().unsqueeze(-1) + v_t.unsqueeze(-1) * k_t.unsqueeze(-2)  # v_tᵀ k_t: [V, K]
+    return scale * (q_t.unsqueeze(-2) @ state).squeeze(-2), state
+
+
 def _step_gate_on_columns(state, q_t, k_t, v_t, g_t, scale):
     if state.shape[-1] != state.shape[-2]:
         raise ValueError("only defined when K == V")
@@ -59,11 +64,14 @@ RECURRENT_STEP = Exercise(
     points=1,
     signature="recurrent_step(state, q_t, k_t, v_t, g_t, scale) -> (o_t, new_state)",
     statement=(
-        "Write one step of the GLA recurrence (paper Eq. 3, rows are vectors):\n\n"
-        "$S_t = \\mathrm{Diag}(\\exp(g_t))\\, S_{t-1} + k_t^\\top v_t, \\qquad o_t = \\text{scale}\\cdot q_t S_t$\n\n"
-        "Shapes: `state` $S_{t-1}$ `[B, H, K, V]`; `q_t`, `k_t`, `g_t` `[B, H, K]` (`g_t` is the **log** "
-        "of the forget gate, ≤ 0); `v_t` `[B, H, V]`; `scale` a float. "
-        "Return `(o_t [B, H, V], new_state [B, H, K, V])`."
+        "Write one step of the GLA recurrence (paper Eq. 3, rows are vectors). With the forget gate "
+        "$\\alpha_t = \\exp(g_t)$,\n\n$S_t = \\mathrm{Diag}(\\alpha_t)\\, S_{t-1} + k_t^\\top v_t, \\qquad o_t = "
+        "\\text{scale}\\cdot q_t S_t$\n\n— the state after token t is the state before it, its row c decayed by "
+        "the gate's entry $\\alpha_{tc}$, plus the outer product of the token's key and value; the output "
+        "reads the new state.\n\nInputs (every tensor float64): `state` $S_{t-1}$ `[B, H, K, V]` (row c for "
+        "key channel c); `q_t`, `k_t`, `g_t` `[B, H, K]` (`g_t` is the **log** of the forget gate, ≤ 0); "
+        "`v_t` `[B, H, V]`; `scale` a Python float. Return `(o_t [B, H, V], new_state [B, H, K, V])`, both "
+        "float64: `new_state` is $S_t$."
     ),
     hints=(
         "The forget gate α_t = exp(g_t) has one entry per key channel k: it scales row k of the K x V state.",
@@ -74,9 +82,13 @@ RECURRENT_STEP = Exercise(
     reference=recurrent_step,
     cases=_step_cases,
     outputs=(("o_t", "[B, H, V]"), ("new_state", "[B, H, K, V]")),
+    state_outputs=("new_state",),
+    state_inputs=("state",),
+    forbidden=FORMS,
     mistakes=(
         Mistake("the gate is missing: the old state must be multiplied by exp(g_t) before k_tᵀv_t is added",
                 _step_no_gate),
+        Mistake(KV_TRANSPOSED, _step_kv_transposed),
         Mistake("the gate also decays the new k_tᵀv_t: S_t = exp(g_t) ⊙ S_{t-1} + k_tᵀv_t decays only the old state",
                 _step_gate_after_add),
         Mistake("g_t is used as the gate, but it is the LOG of the gate: multiply by exp(g_t)", _step_log_not_exp),
@@ -121,15 +133,23 @@ def _recurrent_no_scale(q, k, v, g, scale=None, initial_state=None):
     return _recurrent_reference(q, k, v, g, 1.0, initial_state)
 
 
-def _recurrent_gate_after_add(q, k, v, g, scale=None, initial_state=None):
+def _recurrent_with(step, q, k, v, g, scale=None, initial_state=None):
     B, T, H, K = q.shape
     scale = K ** -0.5 if scale is None else scale
     S = q.new_zeros(B, H, K, v.shape[-1]) if initial_state is None else initial_state.clone()
     out = []
     for t in range(T):
-        o_t, S = _step_gate_after_add(S, q[:, t], k[:, t], v[:, t], g[:, t], scale)
+        o_t, S = step(S, q[:, t], k[:, t], v[:, t], g[:, t], scale)
         out.append(o_t)
     return torch.stack(out, 1), S
+
+
+def _recurrent_gate_after_add(q, k, v, g, scale=None, initial_state=None):
+    return _recurrent_with(_step_gate_after_add, q, k, v, g, scale, initial_state)
+
+
+def _recurrent_kv_transposed(q, k, v, g, scale=None, initial_state=None):
+    return _recurrent_with(_step_kv_transposed, q, k, v, g, scale, initial_state)
 
 
 RECURRENT_FORM = Exercise(
@@ -138,11 +158,12 @@ RECURRENT_FORM = Exercise(
     points=2,
     signature="recurrent_gla(q, k, v, g, scale=None, initial_state=None) -> (o, final_state)",
     statement=(
-        "Run the recurrence over a whole sequence, batch-first like flash-linear-attention:\n\n"
-        "`q`, `k`, `g`: `[B, T, H, K]`; `v`: `[B, T, H, V]`; `scale` defaults to `K ** -0.5`; "
-        "`initial_state` $S_0$ `[B, H, K, V]` or `None` (zeros). "
-        "Return `(o [B, T, H, V], final_state [B, H, K, V])` — $o_t$ for every $t$ and $S_T$. "
-        "Work in the inputs' dtype."
+        "Run the recurrence over a whole sequence, batch-first like flash-linear-attention: $S_t = "
+        "\\mathrm{Diag}(\\alpha_t)\\, S_{t-1} + k_t^\\top v_t$ and $o_t = \\text{scale}\\cdot q_t S_t$ for $t = 0, "
+        "\\dots, T-1$, starting from the initial state $S_{-1}$.\n\nInputs (every tensor float64): `q`, `k`, "
+        "`g` `[B, T, H, K]`; `v` `[B, T, H, V]`; `scale` a Python float, default `K ** -0.5`; "
+        "`initial_state` $S_{-1}$ `[B, H, K, V]` or `None` (zeros). Return `(o [B, T, H, V], final_state [B, "
+        "H, K, V])`, both float64: every $o_t$, and the final state $S_{T-1}$. Work in the inputs' dtype."
     ),
     hints=(
         "Loop t = 0 .. T-1 and apply one recurrent step (exercise 1.1) to q[:, t], k[:, t], v[:, t], g[:, t].",
@@ -153,11 +174,15 @@ RECURRENT_FORM = Exercise(
     reference=_recurrent_reference,
     cases=_recurrent_cases,
     outputs=(("o", "[B, T, H, V]"), ("final_state", "[B, H, K, V]")),
+    state_outputs=("final_state",),
+    state_inputs=("initial_state",),
+    forbidden=FORMS,
     mistakes=(
         Mistake("the gate is missing: each step must decay the state by exp(g_t)", _recurrent_no_gate),
+        Mistake(KV_TRANSPOSED, _recurrent_kv_transposed),
         Mistake("the gate is off by one step: step t decays by exp(g_t), the gate of the SAME token",
                 _recurrent_shifted_gate),
-        Mistake("initial_state is ignored: the recurrence must start from S_0 when it is given",
+        Mistake("initial_state is ignored: the recurrence must start from S_{-1} = initial_state when it is given",
                 _recurrent_no_initial_state),
         Mistake("scale is missing: its default is K ** -0.5", _recurrent_no_scale),
         Mistake("the gate also decays the new k_tᵀv_t; it decays only the old state", _recurrent_gate_after_add),
@@ -198,10 +223,11 @@ GATE = Exercise(
     signature="gate(x, W1, W2, b, normalizer=16.0) -> g",
     statement=(
         "GLA's forget gate (paper §4.4) is a low-rank projection of the token, squashed and softened: "
-        "$\\alpha_t = \\sigma(x_t W_1 W_2 + b)^{1/\\tau}$. The forms take its log:\n\n"
-        "$g_t = \\log \\alpha_t = \\log\\sigma(x_t W_1 W_2 + b)\\,/\\,\\tau$\n\n"
-        "Shapes: `x` `[B, T, d]`, `W1` `[d, r]`, `W2` `[r, K]`, `b` `[K]`, `normalizer` τ > 0. "
-        "Return `g` `[B, T, K]`, every entry < 0."
+        "$\\alpha_t = \\sigma(x_t W_\\alpha^1 W_\\alpha^2 + b_\\alpha)^{1/\\tau}$. The forms take its log:\n\n$g_t = "
+        "\\log \\alpha_t = \\mathrm{logsigmoid}(x_t W_\\alpha^1 W_\\alpha^2 + b_\\alpha)\\,/\\,\\tau$\n\nInputs (every "
+        "tensor float64): `x` `[B, T, d]`; `W1` $= W_\\alpha^1$ `[d, r]`; `W2` $= W_\\alpha^2$ `[r, K]`; `b` "
+        "$= b_\\alpha$ `[K]`; `normalizer` τ > 0 a Python float. Return `g` `[B, T, K]` float64, every entry "
+        "< 0."
     ),
     hints=(
         "Three steps: the low-rank logit x W1 W2 + b, then the log of a sigmoid, then divide by τ.",
@@ -211,6 +237,7 @@ GATE = Exercise(
     reference=gla_gate,
     cases=_gate_cases,
     outputs=(("g", "[B, T, K]"),),
+    forbidden=("glalearn.gates.LowRankGate.forward", "glalearn.layers.GatedLinearAttention.log_gate"),
     mistakes=(
         Mistake("τ multiplies the log gate; it must divide it (α^(1/τ) ⇒ log α / τ)", _gate_times_tau),
         Mistake("sigmoid without the log: g is the LOG of the gate, log σ(z) / τ", _gate_sigmoid),

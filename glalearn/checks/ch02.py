@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from glalearn.checks.core import Case, Exercise, Mistake
+from glalearn.checks.core import FORMS, Case, Exercise, Mistake
 from glalearn.checks.inputs import gla_inputs, label
 from glalearn.forms.parallel import parallel_gla
 
 NOTEBOOK = "02_parallel_form"
+REFUSED = (*FORMS, "glalearn.forms.parallel._log_space_output", "glalearn.gates.decay_mask")
 
 
 def _reference(q, k, v, g, scale=None):
@@ -53,12 +54,12 @@ NAIVE = Exercise(
     signature="parallel_gla_naive(q, k, v, g, scale=None) -> o",
     statement=(
         "Unroll the recurrence into one attention-like product (paper Eq. 4, first form). With the "
-        "cumulative log decay $G_t = g_1 + \\dots + g_t$ and $b_t = \\exp(G_t)$:\n\n"
-        "$O = \\text{scale}\\cdot\\big((Q \\odot B)(K / B)^\\top \\odot M\\big) V$, "
-        "$M$ the causal mask ($s \\le t$).\n\n"
-        "Shapes: `q`, `k`, `g` `[B, T, H, K]`, `v` `[B, T, H, V]`, `scale` default `K ** -0.5`. "
-        "Return `o` `[B, T, H, V]`. The check uses gentle gates (τ = 1, 16), where $K/B$ stays finite; "
-        "exercise 2.2 shows what strong gates do to it."
+        "cumulative log decay $G_t = g_0 + \\dots + g_t$ and the cumulative decay $b_t = \\exp(G_t)$ (row t of "
+        "$b$):\n\n$o = \\text{scale}\\cdot\\big(((q \\odot b)(k / b)^\\top) \\odot M\\big)\\, v$, $M$ the causal mask "
+        "($M[t, s] = 1$ for $s \\le t$, else 0).\n\nInputs (every tensor float64): `q`, `k`, `g` `[B, T, H, "
+        "K]`, `v` `[B, T, H, V]`; `scale` a Python float, default `K ** -0.5`. Return `o` `[B, T, H, V]` "
+        "float64. The check uses gentle gates (τ = 1, 16), where $k / b$ stays finite; exercise 2.2 shows "
+        "what strong gates do to it."
     ),
     hints=(
         "Put heads next to batch first: q.transpose(1, 2) is [B, H, T, K]; every product is then per (b, h).",
@@ -69,14 +70,15 @@ NAIVE = Exercise(
     reference=_reference,
     cases=_cases(((1, 1, 1, 16, 16, 1.0), (2, 63, 2, 20, 36, 16.0), (1, 65, 3, 60, 100, 1.0), (1, 40, 1, 12, 20, 1.0))),
     outputs=(("o", "[B, T, H, V]"),),
+    forbidden=REFUSED,
     mistakes=(
         Mistake("the diagonal is masked out: token t attends to itself too (s ≤ t, tril() not tril(-1))",
                 lambda q, k, v, g, scale=None: _naive(q, k, v, g, scale, diagonal=-1)),
         Mistake("the causal mask is missing: o_t may only see s ≤ t",
                 lambda q, k, v, g, scale=None: _naive(q, k, v, g, scale, causal=False)),
-        Mistake("B uses one step's gate exp(g_t); it is the product of all gates so far, exp(g_1 + ... + g_t)",
+        Mistake("b_t uses one step's gate exp(g_t); it is the product of all gates so far, exp(g_0 + ... + g_t)",
                 lambda q, k, v, g, scale=None: _naive(q, k, v, g, scale, cumulative="none")),
-        Mistake("the cumulative sum is off by one: G_t = g_1 + ... + g_t includes g_t (an inclusive cumsum)",
+        Mistake("the cumulative sum is off by one: G_t = g_0 + ... + g_t includes g_t (an inclusive cumsum)",
                 lambda q, k, v, g, scale=None: _naive(q, k, v, g, scale, cumulative="exclusive")),
         Mistake("scale is missing: its default is K ** -0.5",
                 lambda q, k, v, g, scale=None: _naive(q, k, v, g, 1.0)),
@@ -89,24 +91,24 @@ LOG_SPACE = Exercise(
     points=3,
     signature="parallel_gla_log_space(q, k, v, g, scale=None) -> o",
     statement=(
-        "Make the parallel form stable for every legal gate. Compute each score as one sum with one "
-        "exponent per (t, s, k) triple:\n\n"
-        "$P_{ts} = \\sum_k q_{tk} k_{sk} \\exp(G_{tk} - G_{sk})$ for $s \\le t$ (else 0), "
-        "$\\quad O = \\text{scale}\\cdot P V$.\n\n"
-        "Every exponent is ≤ 0, so nothing overflows. Shapes as in 2.1: `q`, `k`, `g` `[B, T, H, K]`, "
-        "`v` `[B, T, H, V]`; return `o` `[B, T, H, V]`. The check includes strong gates (τ = 0.1) and "
-        "T = 200, where $G$ reaches about −1400 and the naive form gives inf/NaN."
+        "Make the parallel form stable for every legal gate. Compute each decayed score as one sum with one "
+        "exponent per (t, s, c):\n\n$A[t, s] = \\sum_c q_{tc}\\, k_{sc} \\exp(G_{tc} - G_{sc})$ for $s \\le t$ "
+        "(else 0), $\\quad o = \\text{scale}\\cdot A v$.\n\nEvery exponent is ≤ 0, so nothing overflows. Inputs "
+        "as in 2.1 (every tensor float64): `q`, `k`, `g` `[B, T, H, K]`, `v` `[B, T, H, V]`, `scale` a "
+        "Python float, default `K ** -0.5`. Return `o` `[B, T, H, V]` float64. The check includes strong "
+        "gates (τ = 0.1) and T = 200, where $G$ reaches about −1400 and the naive form gives inf/NaN."
     ),
     hints=(
         "exp(G_t) · exp(-G_s) = exp(G_t - G_s): take the difference of the logs first, exponentiate after.",
-        ("With G [B, H, T, K], D = G[:, :, :, None, :] - G[:, :, None, :, :] is [B, H, T, T, K]; mask s > t "
+        ("With G [B, H, T, K], the exponents E = G[:, :, :, None, :] - G[:, :, None, :, :] are [B, H, T, T, K]; mask s > t "
          "with -inf BEFORE exp so those entries become exactly 0."),
-        ("P = (q[:, :, :, None, :] * k[:, :, None, :, :] * D.masked_fill(~mask[..., None], "
-         "float('-inf')).exp()).sum(-1); o = scale * P @ v."),
+        ("A = (q[:, :, :, None, :] * k[:, :, None, :, :] * E.masked_fill(~mask[..., None], "
+         "float('-inf')).exp()).sum(-1); o = scale * A @ v."),
     ),
     reference=_reference,
     cases=_cases(((1, 1, 1, 16, 16, 1.0), (2, 63, 2, 20, 36, 0.1), (1, 65, 3, 24, 40, 16.0), (1, 200, 1, 12, 20, 0.1))),
     outputs=(("o", "[B, T, H, V]"),),
+    forbidden=REFUSED,
     mistakes=(
         Mistake("the naive form: exp(-G_s) overflows under strong gates (inf, then NaN); take exp(G_t - G_s) "
                 "as one exponent", lambda q, k, v, g, scale=None: _naive(q, k, v, g, scale)),
@@ -114,7 +116,7 @@ LOG_SPACE = Exercise(
                 lambda q, k, v, g, scale=None: _naive(q, k, v, -g, scale, log_space=True)),
         Mistake("the diagonal is masked out: token t attends to itself too (s ≤ t)",
                 lambda q, k, v, g, scale=None: _naive(q, k, v, g, scale, diagonal=-1, log_space=True)),
-        Mistake("the cumulative sum is off by one: G_t = g_1 + ... + g_t includes g_t",
+        Mistake("the cumulative sum is off by one: G_t = g_0 + ... + g_t includes g_t",
                 lambda q, k, v, g, scale=None: _naive(q, k, v, g, scale, cumulative="exclusive", log_space=True)),
         Mistake("the causal mask is missing (or applied after exp, where it must be -inf before)",
                 lambda q, k, v, g, scale=None: _naive(q, k, v, g, scale, causal=False, log_space=True)),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from glalearn.checks.core import Case, Exercise, Mistake
+from glalearn.checks.core import FORMS, KV_TRANSPOSED, STATE_LAYOUT, Case, Exercise, Mistake
 from glalearn.checks.inputs import gla_inputs, label, randn
 from glalearn.forms.chunk import chunk_local_cumsum, chunk_states, log_space_scores, to_chunks
 
@@ -55,10 +55,12 @@ TO_CHUNKS = Exercise(
     points=1,
     signature="to_chunks(x, chunk_size) -> x_chunks",
     statement=(
-        "The chunk form works on chunks of C tokens. Reshape `x` `[B, T, H, D]` to "
-        "`[B, H, N, C, D]` with $N = \\lceil T / C \\rceil$: heads next to batch, then chunks, then the "
-        "tokens of a chunk. When C does not divide T, pad the **end** of the sequence with zeros "
-        "(a padded k, v adds nothing to the state and a padded g = 0 means no decay)."
+        "The chunk form works on chunks of C tokens. Reshape `x` `[B, T, H, D]` to `[B, H, N, C, D]` with $N "
+        "= \\lceil T / C \\rceil$: heads next to batch, then chunks, then the rows of a chunk. Chunk n holds "
+        "tokens nC … nC+C−1, so `x_chunks[b, h, n, i]` is `x[b, n*C + i, h]`. When C does not divide T, pad "
+        "the **end** of the sequence with zeros (a padded k, v adds nothing to the state and a padded g = 0 "
+        "means no decay).\n\nInputs: `x` `[B, T, H, D]` float64 (D is K or V); `chunk_size` C a Python int. "
+        "Return `x_chunks` `[B, H, N, C, D]` float64."
     ),
     hints=(
         "Move H before T first (x.transpose(1, 2) is [B, H, T, D]); a reshape of [B, T, H, D] would mix heads and time.",
@@ -68,6 +70,7 @@ TO_CHUNKS = Exercise(
     reference=to_chunks,
     cases=_to_chunks_cases,
     outputs=(("x_chunks", "[B, H, N, C, D]"),),
+    forbidden=("glalearn.forms.chunk.to_chunks",),
     mistakes=(
         Mistake("T and H are not swapped before the reshape: transpose [B, T, H, D] to [B, H, T, D] first",
                 _to_chunks_no_transpose),
@@ -88,11 +91,11 @@ def _states_cases(gen: torch.Generator) -> list[Case]:
 
 
 def _states(k_chunks, v_chunks, G, initial_state=None, k_decay="gamma-G", decay_old=True, store="before",
-            decay_update=False):
+            decay_update=False, kv_transposed=False):
     B, H, N, _, K = k_chunks.shape
     gamma = G[:, :, :, -1:, :]
     k_decayed = k_chunks * ((gamma - G).exp() if k_decay == "gamma-G" else G.exp())
-    updates = k_decayed.transpose(-1, -2) @ v_chunks
+    updates = v_chunks.transpose(-1, -2) @ k_decayed if kv_transposed else k_decayed.transpose(-1, -2) @ v_chunks
     decay = gamma.squeeze(-2).exp().unsqueeze(-1)
     S = k_chunks.new_zeros(B, H, K, v_chunks.shape[-1]) if initial_state is None else initial_state
     states = []
@@ -118,16 +121,21 @@ CHUNK_STATES = Exercise(
     points=3,
     signature="chunk_states(k_chunks, v_chunks, G, initial_state=None) -> (states, final_state)",
     statement=(
-        "Pass the state from chunk to chunk (paper §4.2). Inside chunk n, $G$ is the chunk-local cumulative "
-        "log decay and $\\gamma_n = G_{n,C}$ its last row (the decay over the whole chunk):\n\n"
-        "$S_{n+1} = \\mathrm{Diag}(\\exp(\\gamma_n))\\, S_n + (K_n \\odot \\Gamma_n)^\\top V_n, \\qquad "
-        "\\Gamma_{n,i} = \\exp(\\gamma_n - G_{n,i})$\n\n"
-        "Shapes: `k_chunks` `[B, H, N, C, K]`, `v_chunks` `[B, H, N, C, V]`, `G` `[B, H, N, C, K]`, "
-        "`initial_state` $S_0$ `[B, H, K, V]` or `None` (zeros). Return `states` `[B, H, N, K, V]` — "
-        "`states[:, :, n]` is $S_n$, the state **entering** chunk n — and `final_state` $S_N$ `[B, H, K, V]`."
+        "Pass the state from chunk to chunk (paper §4.2): chunk n **reads** $S_{[n]}$, the state entering "
+        "it, and **writes** $S_{[n+1]}$, the state leaving it. Inside chunk n, $G_i$ is the chunk-local "
+        "cumulative log decay ($g_{nC} + \\dots + g_{nC+i}$ for row i = 0, …, C−1), $\\gamma_{[n]} = G_{C-1}$ "
+        "the log decay across the whole chunk, and $\\Gamma_{[n]}$ the decay from each row to the chunk's "
+        "end:\n\n$S_{[n+1]} = \\mathrm{Diag}(\\exp(\\gamma_{[n]}))\\, S_{[n]} + (k_{[n]} \\odot \\Gamma_{[n]})^\\top "
+        "v_{[n]}, \\qquad \\Gamma_{[n], i} = \\exp(\\gamma_{[n]} - G_i),$\n\nstarting from $S_{[0]}$, the initial "
+        "state.\n\nInputs (every tensor float64): `k_chunks` `[B, H, N, C, K]`, `v_chunks` `[B, H, N, C, V]`, "
+        "`G` `[B, H, N, C, K]`, `initial_state` $S_{[0]}$ `[B, H, K, V]` or `None` (zeros). Return `states` "
+        "`[B, H, N, K, V]` — `states[:, :, n]` is $S_{[n]}$, the state **entering** chunk n — and "
+        "`final_state` $S_{[N]}$ `[B, H, K, V]`, the state leaving the last chunk; both float64, row c for "
+        "key channel c."
     ),
     hints=(
-        "Only the N chunk-to-chunk steps are sequential: compute every chunk's own update (K_n ⊙ Γ_n)ᵀ V_n in one batched product first.",
+        ("Only the N chunk-to-chunk steps are sequential: compute every chunk's own update (k_[n] ⊙ Γ_[n])ᵀ v_[n] in one "
+         "batched product first."),
         ("gamma = G[:, :, :, -1:, :] is [B, H, N, 1, K]; k_chunks * (gamma - G).exp() decays each key to the END "
          "of its chunk (every factor ≤ 1); updates = k_decayedᵀ @ v_chunks is [B, H, N, K, V]."),
         ("S = initial_state or zeros; for n in range(N): states.append(S); "
@@ -136,16 +144,21 @@ CHUNK_STATES = Exercise(
     reference=lambda k_chunks, v_chunks, G, initial_state=None: chunk_states(k_chunks, v_chunks, G, initial_state),
     cases=_states_cases,
     outputs=(("states", "[B, H, N, K, V]"), ("final_state", "[B, H, K, V]")),
+    state_outputs=("states", "final_state"),
+    state_inputs=("initial_state",),
+    forbidden=(*FORMS, "glalearn.forms.chunk.chunk_states", "glalearn.forms.chunk.pass_states"),
     mistakes=(
-        Mistake("states[n] must be S_n, the state ENTERING chunk n (append before the update, not after)",
+        Mistake(KV_TRANSPOSED,
+                lambda k, v, G, initial_state=None: _states(k, v, G, initial_state, kv_transposed=True)),
+        Mistake("states[:, :, n] must be S_[n], the state ENTERING chunk n (append before the update, not after)",
                 lambda k, v, G, initial_state=None: _states(k, v, G, initial_state, store="after")),
         Mistake("keys are decayed by exp(G) (from the chunk's start); they need exp(γ - G), the decay to its END",
                 lambda k, v, G, initial_state=None: _states(k, v, G, initial_state, k_decay="G")),
-        Mistake("the old state is not decayed across the chunk: S_{n+1} = exp(γ_n) ⊙ S_n + ...",
+        Mistake("the old state is not decayed across the chunk: S_[n+1] = Diag(exp(γ_[n])) S_[n] + ...",
                 lambda k, v, G, initial_state=None: _states(k, v, G, initial_state, decay_old=False)),
-        Mistake("exp(γ_n) also decays the chunk's own update, which is already decayed to the chunk's end by Γ",
+        Mistake("exp(γ_[n]) also decays the chunk's own update, which Γ_[n] already decays to the chunk's end",
                 lambda k, v, G, initial_state=None: _states(k, v, G, initial_state, decay_update=True)),
-        Mistake("initial_state is ignored: S_0 is the initial state when one is given", _states_ignore_initial),
+        Mistake("initial_state is ignored: S_[0] is the initial state when one is given", _states_ignore_initial),
     ),
 )
 
@@ -179,22 +192,23 @@ INTRA = Exercise(
     signature="intra_chunk_output(q_chunks, k_chunks, v_chunks, G, scale) -> o_intra",
     statement=(
         "The part of each output that comes from earlier tokens of the **same** chunk, in log space so it "
-        "never overflows:\n\n"
-        "$P_{n,ij} = \\sum_k q_{n,ik}\\, k_{n,jk} \\exp(G_{n,ik} - G_{n,jk})$ for $j \\le i$ (else 0), "
-        "$\\quad O^{\\text{intra}}_n = \\text{scale}\\cdot P_n V_n$\n\n"
-        "Shapes: `q_chunks`, `k_chunks`, `G` `[B, H, N, C, K]`, `v_chunks` `[B, H, N, C, V]`, `scale` a "
-        "float. Return `o_intra` `[B, H, N, C, V]`."
+        "never overflows (rows i, j = 0, …, C−1 of chunk n, $G$ chunk-local):\n\n$P_{[n]}[i, j] = \\sum_c "
+        "q_{ic}\\, k_{jc} \\exp(G_{ic} - G_{jc})$ for $j \\le i$ (else 0), $\\quad o^{\\text{intra}}_{[n]} = "
+        "\\text{scale}\\cdot P_{[n]} v_{[n]}$\n\nInputs (every tensor float64): `q_chunks`, `k_chunks`, `G` `[B, "
+        "H, N, C, K]`, `v_chunks` `[B, H, N, C, V]`; `scale` a Python float. Return `o_intra` `[B, H, N, C, "
+        "V]` float64."
     ),
     hints=(
         "This is chapter 2's log-space form, applied to every chunk at once, with G restarting at each chunk.",
-        ("D = G[..., :, None, :] - G[..., None, :, :] is [B, H, N, C, C, K] (query i, key j, channel k); "
+        ("The exponents E = G[..., :, None, :] - G[..., None, :, :] are [B, H, N, C, C, K] (query i, key j, channel c); "
          "mask j > i with -inf before exp."),
-        ("P = (q[..., :, None, :] * k[..., None, :, :] * D.masked_fill(~mask[..., None], float('-inf')).exp())"
+        ("P = (q[..., :, None, :] * k[..., None, :, :] * E.masked_fill(~mask[..., None], float('-inf')).exp())"
          ".sum(-1); return scale * P @ v_chunks."),
     ),
     reference=_intra_reference,
     cases=_intra_cases,
     outputs=(("o_intra", "[B, H, N, C, V]"),),
+    forbidden=(*FORMS, "glalearn.forms.chunk.log_space_scores", "glalearn.forms.chunk._log_space_scores"),
     mistakes=(
         Mistake("the diagonal is masked out: each token also sees itself (j ≤ i)",
                 lambda q, k, v, G, scale: _intra(q, k, v, G, scale, diagonal=-1)),
@@ -228,22 +242,26 @@ INTER = Exercise(
     points=2,
     signature="inter_chunk_output(q_chunks, states, G, scale) -> o_inter",
     statement=(
-        "The part of each output that comes from all earlier chunks, through the state entering the chunk:\n\n"
-        "$O^{\\text{inter}}_n = \\text{scale}\\cdot (Q_n \\odot \\Lambda_n)\\, S_n, \\qquad "
-        "\\Lambda_{n,i} = \\exp(G_{n,i})$ (the decay from the chunk's start to token i).\n\n"
-        "Shapes: `q_chunks`, `G` `[B, H, N, C, K]`, `states` `[B, H, N, K, V]` (from 3.2), `scale` a "
-        "float. Return `o_inter` `[B, H, N, C, V]`. Then $O = O^{\\text{inter}} + O^{\\text{intra}}$."
+        "The part of each output that comes from all earlier chunks, through the state the chunk "
+        "reads:\n\n$o^{\\text{inter}}_{[n]} = \\text{scale}\\cdot (q_{[n]} \\odot \\Lambda_{[n]})\\, S_{[n]}, \\qquad "
+        "\\Lambda_{[n], i} = \\exp(G_i)$ (the decay from the chunk's start through row i).\n\nInputs (every "
+        "tensor float64): `q_chunks`, `G` `[B, H, N, C, K]`; `states` `[B, H, N, K, V]` (from 3.2: "
+        "`states[:, :, n]` is $S_{[n]}$, row c for key channel c); `scale` a Python float. Return `o_inter` "
+        "`[B, H, N, C, V]` float64. Then $o_{[n]} = o^{\\text{inter}}_{[n]} + o^{\\text{intra}}_{[n]}$."
     ),
     hints=(
-        "S_n holds everything before chunk n, decayed to the chunk's start; token i must decay it further by Λ_i.",
+        "S_[n] holds everything before chunk n, decayed to the chunk's start; row i must decay it further by Λ_i.",
         "q_chunks * G.exp() is Q ⊙ Λ, [B, H, N, C, K]; a batched matmul with states [B, H, N, K, V] gives [B, H, N, C, V].",
         "return scale * (q_chunks * G.exp()) @ states",
     ),
     reference=_inter_reference,
     cases=_inter_cases,
     outputs=(("o_inter", "[B, H, N, C, V]"),),
+    state_inputs=("states",),
+    forbidden=FORMS,
     mistakes=(
-        Mistake("q is not decayed: token i sees S_n through Λ_i = exp(G_i), the decay since the chunk's start",
+        Mistake(STATE_LAYOUT, lambda q, S, G, scale: scale * (q * G.exp()) @ S.transpose(-1, -2)),
+        Mistake("q is not decayed: row i sees S_[n] through Λ_i = exp(G_i), the decay since the chunk's start",
                 lambda q, S, G, scale: scale * q @ S),
         Mistake("q is decayed by exp(γ - G) (to the chunk's end); it needs Λ = exp(G) (from the chunk's start)",
                 lambda q, S, G, scale: scale * (q * (G[..., -1:, :] - G).exp()) @ S),

@@ -24,8 +24,9 @@ REVERSE_CUMSUM = Exercise(
     points=1,
     signature="reverse_cumsum(x, dim) -> y",
     statement=(
-        "The gate gradient needs sums over the **future**: $y_t = \\sum_{i \\ge t} x_i$ along `dim`.\n\n"
-        "Shapes: `x` any shape, e.g. `[B, T, H, K]` with `dim=1`; `dim` an int (negative allowed). Return `y` with the shape of `x`."
+        "The gate gradient needs sums over the **future**: $y_t = \\sum_{t' \\ge t} x_{t'}$ along "
+        "`dim`.\n\nInputs: `x` float64 of any shape, e.g. `[B, T, H, K]` with `dim=1`; `dim` a Python int "
+        "(negative allowed). Return `y` float64 with the shape of `x`."
     ),
     hints=(
         "A reverse cumulative sum is a forward cumulative sum of the reversed sequence, reversed back.",
@@ -35,6 +36,7 @@ REVERSE_CUMSUM = Exercise(
     reference=reverse_cumsum,
     cases=_rcs_cases,
     outputs=(("y", "[...]"),),
+    forbidden=("glalearn.forms.chunk.reverse_cumsum",),
     mistakes=(
         Mistake("the sum is exclusive (i > t); it must include x_t itself (i ≥ t) — off by one",
                 lambda x, dim: reverse_cumsum(x, dim) - x),
@@ -74,12 +76,13 @@ GATE_GRADIENT = Exercise(
     points=3,
     signature="gate_gradient(q, k, dq, dk) -> dg",
     statement=(
-        "The paper's trick (§4.1, Appendix): the loss depends on the gates only through "
-        "$\\tilde q_t = q_t \\odot b_t$ and $\\tilde k_t = k_t / b_t$ with $\\log b_t = G_t$, so\n\n"
-        "$d \\log b_t = q_t \\odot dq_t - k_t \\odot dk_t, \\qquad dg_t = \\sum_{i \\ge t} d \\log b_i$\n\n"
-        "— no T×T matrix needed. Shapes: `q`, `k` `[B, T, H, K]` and their gradients `dq`, `dk` "
-        "`[B, T, H, K]` (holding g fixed). Return `dg` `[B, T, H, K]`. The check compares with autograd "
-        "through the GLA forward, for a random loss, with and without an initial state."
+        "The paper's trick (§4.3, *memory-efficient dα computation*): the loss ℓ depends on the gates only "
+        "through $\\tilde q_t = q_t \\odot b_t$ and $\\tilde k_t = k_t / b_t$ with $\\log b_t = G_t = g_0 + "
+        "\\dots + g_t$, so\n\n$d \\log b_t = q_t \\odot dq_t - k_t \\odot dk_t, \\qquad dg_t = \\sum_{t' \\ge t} d "
+        "\\log b_{t'}$\n\n— no T×T matrix needed. Inputs (every tensor float64): `q`, `k` `[B, T, H, K]` and "
+        "their gradients `dq`, `dk` `[B, T, H, K]` (holding g fixed). Return `dg` `[B, T, H, K]` float64. "
+        "The check compares with autograd through the GLA forward, for a random loss, with and without an "
+        "initial state."
     ),
     hints=(
         "Two steps: the gradient with respect to the cumulative log decay G_t, then a sum over the future because G_i includes g_t for every i ≥ t.",

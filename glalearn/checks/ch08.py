@@ -94,17 +94,22 @@ LAYER_FORWARD = Exercise(
     points=2,
     signature="gla_layer(x, W_q, W_k, W_v, W_1, W_2, b, W_r, w_norm, W_o, num_heads) -> y",
     statement=(
-        "Compute the paper's GLA layer (§4.4) from its weights (every matrix is `[in, out]`, applied as `x @ W`):\n\n"
-        "$q = xW_q,\\ k = xW_k,\\ v = xW_v$ split into `num_heads` heads; "
-        "$g = \\mathrm{logsigmoid}(x W_1 W_2 + b) / 16$; $o = \\mathrm{GLA}(q, k, v, g)$ with scale $d_k^{-1/2}$; "
-        "$y = \\big(\\mathrm{RMSNorm}_{\\text{head}}(o; w_{norm}) \\odot \\mathrm{silu}(x W_r)\\big) W_o$ "
-        "(RMSNorm over each head's $d_v$ channels, eps 1e-5, weight `w_norm` shared by the heads).\n\n"
-        "Shapes: `x` `[B, T, d]`; `W_q`, `W_k` `[d, H·d_k]`; `W_v`, `W_r` `[d, H·d_v]`; `W_1` `[d, 16]`; "
-        "`W_2` `[16, H·d_k]`; `b` `[H·d_k]`; `w_norm` `[d_v]`; `W_o` `[H·d_v, d]`. Return `y` `[B, T, d]`. "
-        "Use any GLA form of the library (e.g. `glalearn.chunk_gla`)."
+        "Compute the paper's GLA layer (§4.4) from its weights (every matrix is `[in, out]`, applied as `x @ "
+        "W`):\n\n$q = x W_Q,\\ k = x W_K,\\ v = x W_V$, each split into `num_heads` heads;\n$g = "
+        "\\mathrm{logsigmoid}(x W_\\alpha^1 W_\\alpha^2 + b_\\alpha) / 16$, the log forget gate (τ = 16);\n$o = "
+        "\\mathrm{GLA}(q, k, v, g)$ with scale $K^{-1/2}$ (the forms' default);\n$y = "
+        "\\big(\\mathrm{RMSNorm}_{\\text{head}}(o; w_{norm}) \\odot r\\big)\\, W_O$ with the output gate $r = "
+        "\\mathrm{Swish}(x W_r)$ — the RMSNorm runs over each head's V channels (eps 1e-5), with one weight "
+        "vector `w_norm` shared by the heads.\n\nInputs (every tensor float64): `x` `[B, T, d]`; `W_q` $= W_Q$ "
+        "and `W_k` $= W_K$ `[d, H·K]`; `W_v` $= W_V$ and `W_r` `[d, H·V]`; `W_1` $= W_\\alpha^1$ `[d, 16]`; "
+        "`W_2` $= W_\\alpha^2$ `[16, H·K]`; `b` $= b_\\alpha$ `[H·K]`; `w_norm` `[V]`; `W_o` $= W_O$ `[H·V, "
+        "d]`; `num_heads` H a Python int. Return `y` `[B, T, d]` float64. Use any GLA form of the library, "
+        "e.g. `chunk_gla(q, k, v, g)` with q, k, g `[B, T, H, K]` and v `[B, T, H, V]`; the library's layer "
+        "(`glalearn.layers.GatedLinearAttention`) is the answer itself, so it raises while your function is "
+        "checked."
     ),
     hints=(
-        "Reshape each projection to [B, T, H, d] with .view(B, T, num_heads, -1); the forms take that layout.",
+        "Reshape each projection to [B, T, H, K] (v to [B, T, H, V]) with .view(B, T, num_heads, -1); the forms take that layout.",
         "The gate is logsigmoid(...) divided by τ = 16, and it is a log gate: pass it to the form as g.",
         ("o, _ = chunk_gla(q, k, v, g); o = F.rms_norm(o, (o.shape[-1],), w_norm, 1e-5).flatten(2); "
          "y = (o * F.silu(x @ W_r)) @ W_o"),
@@ -113,9 +118,10 @@ LAYER_FORWARD = Exercise(
     cases=_cases,
     outputs=(("y", "[B, T, d]"),),
     tolerance=1e-5,  # the layer computes in float32
+    forbidden=("glalearn.layers.GatedLinearAttention.forward", layer_from_weights),
     mistakes=(
         Mistake("the gate is not divided by τ = 16: g = logsigmoid(x W_1 W_2 + b) / 16", _no_tau),
-        Mistake("the RMSNorm runs over all heads at once; it must normalize each head's d_v channels",
+        Mistake("the RMSNorm runs over all heads at once; it must normalize each head's V channels",
                 _norm_over_all_heads),
         Mistake("the output gate uses sigmoid; the paper's is Swish: silu(z) = z · sigmoid(z)", _sigmoid_output_gate),
         Mistake("the per-head RMSNorm is missing (only its weight is applied)", _no_norm),

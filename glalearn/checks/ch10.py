@@ -48,19 +48,21 @@ MQAR_BATCH = Exercise(
     points=1,
     signature="mqar_layout(keys, values, asked, slots, seq_len) -> (inputs, targets)",
     statement=(
-        "Lay out a batch of multi-query associative recall sequences from their random choices. "
-        "Every sequence first shows its n key-value pairs, `k1 v1 k2 v2 ... kn vn` (positions 0 … 2n−1); "
-        "after them, query j puts the key of pair `asked[j]` at position $p_j = 2n + 2\\,\\text{slots}[j]$ and "
-        "its value at $p_j + 1$; every other position is the filler 0. The model must predict the value "
-        "when it sees the query key, so `targets[p_j]` is that value and every other target is "
-        "`IGNORE = -100` (cross-entropy's `ignore_index`).\n\n"
-        "Shapes: `keys`, `values` `[B, n]` int64; `asked`, `slots` `[B, q]` int64 (`slots` increasing); "
-        "`seq_len` T. Return `(inputs [B, T], targets [B, T])`, both int64."
+        "Lay out a batch of multi-query associative recall sequences from their random choices. Every "
+        "sequence first shows its key-value pairs, `keys[0] values[0] keys[1] values[1] …` (positions 0 … "
+        "2·n_pairs−1, with n_pairs = `keys.shape[1]`); after them, query j puts the key of pair `asked[j]` "
+        "at position $p_j = 2\\,n_{\\text{pairs}} + 2\\,\\text{slots}[j]$ and its value at $p_j + 1$; every "
+        "other position is the filler 0. The model must predict the value when it sees the query key, so "
+        "`targets[p_j]` is that value and every other target is `IGNORE = -100` (cross-entropy's "
+        "`ignore_index`).\n\nInputs: `keys`, `values` `[B, n_pairs]` int64; `asked`, `slots` `[B, n_queries]` "
+        "int64 (`slots` increasing); `seq_len` T a Python int. Return `(inputs [B, T], targets [B, T])`, "
+        "both int64."
     ),
     hints=(
         ("Start from torch.full((B, T), 0) for inputs and torch.full((B, T), -100) for targets, then write "
          "the pairs with strided slices."),
-        ("inputs[:, 0:2*n:2] = keys and inputs[:, 1:2*n:2] = values; for the queries gather "
+        ("With n = keys.shape[1] pairs: inputs[:, 0:2*n:2] = keys and inputs[:, 1:2*n:2] = values; for the "
+         "queries gather "
          "keys[rows, asked] with rows = torch.arange(B)[:, None]."),
         ("pos = 2*n + 2*slots; inputs[rows, pos] = keys[rows, asked]; inputs[rows, pos + 1] = "
          "values[rows, asked]; targets[rows, pos] = values[rows, asked]."),
@@ -69,6 +71,7 @@ MQAR_BATCH = Exercise(
     cases=_mqar_cases,
     outputs=(("inputs", "[B, T]"), ("targets", "[B, T]")),
     tolerance=0.0,
+    forbidden=("glalearn.tasks.mqar.mqar_layout", "glalearn.tasks.mqar.mqar_batch"),
     mistakes=(
         Mistake("the target sits on the query's value token; it belongs on the query KEY's position p "
                 "(the model predicts the value when it reads the key)",
@@ -134,11 +137,11 @@ FIXED_GATE = Exercise(
     points=1,
     signature="fixed_log_gate(x) -> g",
     statement=(
-        "RetNet decays the state of head h by a constant $\\gamma_h = 1 - 2^{-5-h}$ ($h = 0, 1, \\dots, H-1$) "
-        "at every step, whatever the token. As a GLA gate that is a log gate $g_t = \\log\\gamma_h$ on every "
-        "key channel of head h and every time step: GLA with the data dependence taken out.\n\n"
-        "Shapes: `x` `[B, T, H, K]` (any tensor of the layout; only its shape and dtype matter — that is "
-        "what *data-independent* means). Return `g` `[B, T, H, K]` in x's dtype, every entry < 0."
+        "RetNet decays the state of head h by a constant $\\rho_h = 1 - 2^{-5-h}$ ($h = 0, 1, \\dots, H-1$) at "
+        "every step, whatever the token. As a GLA gate that is the log gate $g_t = \\log\\rho_h$ on every key "
+        "channel of head h and every token: GLA with the data dependence taken out.\n\nInputs: `x` `[B, T, H, "
+        "K]` float64 (any tensor of the layout; only its shape and dtype matter — that is what "
+        "*data-independent* means). Return `g` `[B, T, H, K]` in x's dtype (float64), every entry < 0."
     ),
     hints=(
         "Compute the H numbers log(1 − 2^(−5−h)) once, then broadcast them over batch, time and key channels.",
@@ -149,9 +152,10 @@ FIXED_GATE = Exercise(
     reference=fixed_log_gate,
     cases=_gate_cases,
     outputs=(("g", "[B, T, H, K]"),),
+    forbidden=("glalearn.gates.retnet_log_decay", "glalearn.layers.GatedLinearAttention.log_gate"),
     mistakes=(
-        Mistake("that is γ_h itself; the forms take the LOG of the gate: g = log γ_h", _gate_gamma),
-        Mistake("that is log(2^(−5−h)); the decay is γ_h = 1 − 2^(−5−h), so g = log(1 − 2^(−5−h))",
+        Mistake("that is ρ_h itself; the forms take the LOG of the gate: g = log ρ_h", _gate_gamma),
+        Mistake("that is log(2^(−5−h)); the decay is ρ_h = 1 − 2^(−5−h), so g = log(1 − 2^(−5−h))",
                 _gate_no_one_minus),
         Mistake("the heads are numbered from 1; h runs 0, 1, ..., H − 1 so head 0 decays by 1 − 2^(−5)",
                 _gate_heads_from_one),

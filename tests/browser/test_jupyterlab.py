@@ -2,8 +2,9 @@
 
 A learner opens ``chapters/01_*.ipynb``, runs all cells, drags the gate-decay explorer's τ slider and
 expects the plot to change; then opens ``exercises/01_*.ipynb``, runs it with the stubs unfilled and
-expects a friendly "not started" message rather than a traceback. This test does exactly that in
-Chromium (see conftest.py for how the browser and the server are started and removed). Screenshots go
+expects a friendly "not started" message rather than a traceback; then fills the first exercise in wrongly,
+runs all cells, and expects the failed check's diagnosis, no traceback, and every later cell run. This test does
+exactly that in Chromium (see conftest.py for how the browser and the server are started and removed). Screenshots go
 to ``test-artifacts/browser/``.
 """
 
@@ -237,3 +238,35 @@ def test_exercise_1_check_on_a_stub_says_not_started(page, lab):
     assert len(shown) <= MAX_NOT_STARTED_CHARS, (
         f"the check cell on a stub shows {len(shown)} characters in {len(texts)} outputs, more than a "
         f"'not started' line needs ({MAX_NOT_STARTED_CHARS}); the outputs begin: {[t[:160] for t in texts]}")
+
+
+WRONG_STEP = ("    new_state = state + k_t.unsqueeze(-1) * v_t.unsqueeze(-2)  # forgot the gate\n"
+              "    return scale * (q_t.unsqueeze(-2) @ new_state).squeeze(-2), new_state")
+
+
+def test_a_failed_check_shows_its_diagnosis_without_a_traceback_and_run_all_goes_on(page, lab):
+    source = _notebook(lab, "exercises")
+    nb = nbformat.read(source, as_version=4)
+    filled = [c for c in nb.cells if c.cell_type == "code" and 'raise NotImplementedError("Exercise 1.1 ' in c.source]
+    assert len(filled) == 1, f"{source.name}: no stub of exercise 1.1"
+    filled[0].source = filled[0].source.split("    raise NotImplementedError")[0] + WRONG_STEP
+    name = "01_with_a_wrong_answer.ipynb"
+    nbformat.write(nb, lab.root / "exercises" / name)
+    code = [(i, c.source) for i, c in enumerate(nb.cells) if c.cell_type == "code" and c.source.strip()]
+    first_check = next(i for i, src in code if CHECK_CALL.search(src))
+
+    _open(page, lab, f"exercises/{name}")
+    _run_menu(page, "Run All Cells")
+    prompts = _wait_for_run(page, len(code))
+    _check_ran_cleanly(page, name, len(code), prompts)  # every cell ran: the failure did not stop Run All
+
+    cell = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook .jp-Cell").nth(first_check)
+    cell.scroll_into_view_if_needed()
+    texts = cell.locator(".jp-OutputArea-output").all_inner_texts()
+    page.screenshot(path=str(artifacts_dir() / "exercise_01_failed_check.png"))
+    shown = "\n".join(texts)
+    assert "✗ Exercise 1.1 (one recurrent step): failed" in shown, f"no failed verdict; outputs: {texts}"
+    assert "likely mistake: the gate is missing" in shown and "first divergence" in shown, shown[:1500]
+    assert not TRACEBACK.search(shown), f"the failed check shows a traceback:\n{shown[:2000]}"
+    stderr = cell.locator('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]')
+    assert stderr.count() == 0, f"the failed check wrote to stderr: {stderr.all_inner_texts()}"
