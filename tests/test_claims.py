@@ -1,0 +1,108 @@
+"""Prose against data: what chapters 2, 3, 5 and 9 say in words is what their data says.
+
+Two kinds of test. The numbers a chapter states are formatted into its text by a cell (an
+``IPython.display.Markdown`` output) or read from a committed results file; the tests recompute them
+from the same seeds or files and compare with the stored output. And the chapters' markdown cells may
+only type numbers that are definitions (sizes, seeds, the paper's constants): each chapter's allowed
+set is listed below, so a measured number typed into prose fails here.
+"""
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from glalearn import parallel_gla
+from glalearn.numerics import random_gla_inputs
+
+CHAPTERS = Path(__file__).resolve().parents[1] / "chapters"
+
+
+def _cells(stem):
+    return json.loads((CHAPTERS / f"{stem}.ipynb").read_text())["cells"]
+
+
+def _source(cell):
+    return "".join(cell["source"])
+
+
+def markdown_outputs(stem) -> list[str]:
+    """The text/markdown outputs of a chapter's code cells, in order."""
+    return ["".join(o["data"]["text/markdown"]) for c in _cells(stem) if c["cell_type"] == "code"
+            for o in c["outputs"] if "text/markdown" in o.get("data", {})]
+
+
+def printed(stem) -> str:
+    """Everything a chapter's cells printed (stream outputs), joined."""
+    return "".join("".join(o.get("text", "")) for c in _cells(stem) if c["cell_type"] == "code"
+                   for o in c["outputs"] if o.get("output_type") == "stream")
+
+
+NUMBER = re.compile(r"(?<![\w.^_/])(\d[\d,]*(?:\.\d+)?(?:e-?\d+)?)")
+REFERENCE = re.compile(r"(Eq\.|§|chapters?|Chapter|Listing|Fig\.|Table|arXiv|exercise|step|sections?)\s*[\d.–, and]+")
+
+
+def prose_numbers(stem) -> set[str]:
+    """Numbers typed in a chapter's markdown, leaving out references (Eq. 4, §3, chapter 2, 2.1 ...),
+    LaTeX blocks and sub/superscripts."""
+    found = set()
+    for cell in _cells(stem):
+        if cell["cell_type"] != "markdown":
+            continue
+        text = re.sub(r"\$\$.*?\$\$", " ", _source(cell), flags=re.S)
+        text = re.sub(r"`[^`]*\.ipynb`|\(\d+\.\d+\)", " ", text)  # notebook names, exercise IDs
+        text = re.sub(r"(?m)^(#+ \d+\.|\s*\d+\. )", " ", text)  # section numbers and numbered lists
+        text = REFERENCE.sub(" ", text)
+        found |= {n.replace(",", "") for n in NUMBER.findall(text)}
+    return found
+
+
+# --------------------------------------------------------------------------------------------- chapter 2
+CH2 = "02_parallel_form"
+# sizes and seeds chosen by the chapter, dtype limits and float constants it derives in cells
+CH2_DEFINITIONS = {"0", "1", "2", "4", "16", "2048", "512", "64", "1e-12", "88.7", "11.09"}
+
+
+@pytest.fixture(scope="module")
+def ch2_long():
+    return random_gla_inputs(B=1, T=2048, H=1, K=16, V=16, gate_normalizer=16.0, dtype=torch.float64, seed=7)
+
+
+def _first_non_finite(x, dtype):
+    o, _ = parallel_gla(**{n: t.to(dtype) for n, t in x.items()}, log_space=False)
+    bad = (~torch.isfinite(o[0, :, 0])).any(dim=-1).nonzero()
+    return int(bad[0]) if len(bad) else None
+
+
+def test_ch2_the_decay_paragraph_is_formatted_from_the_data(ch2_long):
+    text = next(md for md in markdown_outputs(CH2) if "averages" in md)
+    mean_g = ch2_long["g"].mean().item()
+    most_decayed = ch2_long["g"][0, :, 0].cumsum(0).min(dim=-1).values
+    assert f"**{mean_g:.3f}**" in text
+    for dtype in (torch.float16, torch.float32):
+        limit = math.log(torch.finfo(dtype).max)
+        reach = int((most_decayed < -limit).nonzero()[0])
+        assert f"−{limit:.2f} after about {limit / -mean_g:.0f}" in text
+        assert f"t = {reach}" in text
+        assert reach < 2048  # "Both are inside the training length"
+        # "The textbook form fails a little before the fastest channel's G reaches -ln(max)"
+        first = _first_non_finite(ch2_long, dtype)
+        assert first is not None and 0 <= reach - first < 20
+        assert f"first non-finite output at t = {first}" in printed(CH2)
+
+
+def test_ch2_stronger_gates_fail_sooner():
+    rows = []
+    for normalizer in (16.0, 4.0, 1.0):
+        x = random_gla_inputs(B=1, T=2048, H=1, K=16, V=16, gate_normalizer=normalizer, dtype=torch.float64, seed=7)
+        rows.append([_first_non_finite(x, d) for d in (torch.float32, torch.float16)])
+    assert rows[0][0] > rows[1][0] > rows[2][0] and rows[0][1] > rows[1][1] > rows[2][1]
+    for (f32, f16), normalizer in zip(rows, (16, 4, 1)):
+        assert re.search(rf"\n\s+{normalizer}\s+-?\d\.\d+\s+{f32}\s+{f16}\n", printed(CH2))
+
+
+def test_ch2_prose_types_only_definitions():
+    assert prose_numbers(CH2) <= CH2_DEFINITIONS, prose_numbers(CH2) - CH2_DEFINITIONS
