@@ -52,7 +52,7 @@ def prose_numbers(stem) -> set[str]:
     for cell in _cells(stem):
         if cell["cell_type"] != "markdown":
             continue
-        text = re.sub(r"\$\$.*?\$\$", " ", _source(cell), flags=re.S)
+        text = re.sub(r"\$\$.*?\$\$", " ", _source(cell), flags=re.DOTALL)
         text = re.sub(r"`[^`]*\.ipynb`|\(\d+\.\d+\)", " ", text)  # notebook names, exercise IDs
         text = re.sub(r"(?m)^(#+ \d+\.|\s*\d+\. )", " ", text)  # section numbers and numbered lists
         text = REFERENCE.sub(" ", text)
