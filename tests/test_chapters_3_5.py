@@ -1,8 +1,11 @@
 """Every claim of chapters 3-5 as a test, and every function they derive inline checked against the library.
 
-The inline functions below are the chapters' own code (copied from the notebook cells that define them);
+The inline functions are the chapters' own code, executed from their notebook cells tagged "derivation";
 the notebooks assert the same equalities in a cell.
 """
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,28 +30,31 @@ def f64(inputs):
     return {n: t.double() for n, t in inputs.items()}
 
 
-# ----------------------------------------------------------------------------- chapter 3 (inline code)
-def chunk_states_by_hand(kc, vc, G):
-    # S_{n+1} = Diag(exp(γ_n)) S_n + (K_n ⊙ Γ_n)^T V_n, one chunk at a time
-    B, H, N, _, K = kc.shape
-    S = kc.new_zeros(B, H, K, vc.shape[-1])
-    states = []
-    for n in range(N):
-        states.append(S)
-        gamma = G[:, :, n, -1, :]  # [B, H, K]
-        K_Gamma = kc[:, :, n] * (gamma.unsqueeze(-2) - G[:, :, n]).exp()
-        S = gamma.exp().unsqueeze(-1) * S + K_Gamma.transpose(-1, -2) @ vc[:, :, n]
-    return torch.stack(states, dim=2), S
+CHAPTERS = Path(__file__).resolve().parents[1] / "chapters"
 
 
-def intra_scores_by_hand(q, k, G):
-    # P[i, j] = Σ_k q_ik k_jk exp(G_ik - G_jk) for j <= i, else 0; q, k, G: [..., C, K]
-    C = q.shape[-2]
-    P = q.new_zeros(*q.shape[:-2], C, C)
-    for i in range(C):
-        for j in range(i + 1):
-            P[..., i, j] = (q[..., i, :] * k[..., j, :] * (G[..., i, :] - G[..., j, :]).exp()).sum(-1)
-    return P
+def _derivations(stem) -> dict:
+    """Run a chapter's cells tagged "derivation" (its inline functions, nothing else) in a namespace
+    holding the chapter's imports; return the namespace. So these tests check the code a learner reads."""
+    import math
+
+    from glalearn.forms import chunk as chunk_module
+    from glalearn.forms import two_level as two_level_module
+
+    ns = {"torch": torch, "math": math, **{n: getattr(chunk_module, n) for n in dir(chunk_module) if not n.startswith("__")},
+          **{n: getattr(two_level_module, n) for n in dir(two_level_module) if not n.startswith("__")}}
+    nb = json.loads((CHAPTERS / f"{stem}.ipynb").read_text())
+    cells = [c for c in nb["cells"] if "derivation" in c.get("metadata", {}).get("tags", [])]
+    assert cells, f"{stem} has no cells tagged 'derivation'"
+    for cell in cells:
+        exec(compile("".join(cell["source"]), f"{stem}:derivation", "exec"), ns)  # noqa: S102
+    return ns
+
+
+# ----------------------------------------------------------------------------- chapter 3 (its inline code)
+_CH3 = _derivations("03_chunkwise")
+chunk_states_by_hand = _CH3["chunk_states_by_hand"]
+intra_scores_by_hand = _CH3["intra_scores_by_hand"]
 
 
 CHUNK_CASES = [(4, 2, 2, 2, 2), (7, 4, 3, 5, 1.0), (33, 8, 4, 2, 0.1), (64, 16, 8, 8, 16.0)]

@@ -106,3 +106,37 @@ def test_ch2_stronger_gates_fail_sooner():
 
 def test_ch2_prose_types_only_definitions():
     assert prose_numbers(CH2) <= CH2_DEFINITIONS, prose_numbers(CH2) - CH2_DEFINITIONS
+
+
+# --------------------------------------------------------------------------------------------- chapter 3
+CH3 = "03_chunkwise"
+# the example sizes (T = 4, C = 2; T = 16, C = 4; T = 300), the paper's C = 64 and gate 16, the tolerances
+CH3_DEFINITIONS = {"0", "1", "2", "3", "4", "16", "64", "300", "30", "1e-5", "1e-6", "1e-12", "1e-16"}
+
+
+def test_ch3_cost_paragraph_is_formatted_from_the_cost_model():
+    from glalearn import costs
+
+    text = next(md for md in markdown_outputs(CH3) if "sequential steps fall" in md)
+    T, K, V = 4096, 64, 64
+    c1, c64 = costs.chunk_cost(T, K, V, 1), costs.chunk_cost(T, K, V, 64)
+    assert f"fall {c1.sequential_steps // c64.sequential_steps}-fold" in text
+    assert f"only {c64.flops / c1.flops:.2f}" in text and 1 < c64.flops / c1.flops < 1.5  # "grow by only a third"
+    assert f"{c1.exps / 1e6:.1f} M at C = 1 against {c64.exps / 1e6:.1f} M at C = 64" in text
+    per_token = costs.log_space_scores_cost(64, K).exps / 64
+    assert f"{per_token:,.0f} exps per token" in text
+    assert abs(per_token - 64 / 2 * K) / (64 / 2 * K) < 0.05  # "about C/2·K"
+
+
+def test_ch3_timing_parts_add_up_to_the_whole_they_are_shares_of():
+    cell = next(c for c in _cells(CH3) if c["cell_type"] == "code" and "def chunk_form_timed" in _source(c))
+    assert _source(cell).startswith("# NBVAL_IGNORE_OUTPUT")
+    for line in printed(CH3).splitlines():
+        if line.startswith("C = ") and "in all" in line:
+            shares = [int(p) for p in re.findall(r"(\d+)%", line)]
+            assert sum(shares) <= 101  # parts of one measured whole (the fourth, layout, is the rest)
+    assert "of which" not in printed(CH3)
+
+
+def test_ch3_prose_types_only_definitions():
+    assert prose_numbers(CH3) <= CH3_DEFINITIONS, prose_numbers(CH3) - CH3_DEFINITIONS
