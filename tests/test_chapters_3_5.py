@@ -138,31 +138,11 @@ def test_ch3_cost_sweep_claims():
     assert abs(costs.log_space_scores_cost(64, K).exps / 64 - 64 / 2 * K) / (32 * K) < 0.05
 
 
-# ----------------------------------------------------------------------------- chapter 4 (inline code)
-def sub_chunk_scores_by_hand(q, k, G, L, matmul_dtype=None):
-    # P [..., C, C] from sub-chunks of L tokens; q, k: [..., C, K], G: chunk-local cumulative log decay
-    C = q.shape[-2]
-    P = q.new_zeros(*q.shape[:-2], C, C)
-    for a in range(C // L):  # query sub-chunk
-        rows = slice(a * L, (a + 1) * L)
-        ref = G[..., a * L : a * L + 1, :]  # reference point: first row of sub-chunk a
-        q_tilde = q[..., rows, :] * (G[..., rows, :] - ref).to(q.dtype).exp()  # |q̃| <= |q|
-        for b in range(a):  # earlier key sub-chunks: bounded products
-            cols = slice(b * L, (b + 1) * L)
-            k_tilde = k[..., cols, :] * (ref - G[..., cols, :]).to(k.dtype).exp()  # |k̃| <= |k|
-            P[..., rows, cols] = matmul(q_tilde, k_tilde.transpose(-1, -2), matmul_dtype)
-        # the diagonal sub-chunk: float32 log space, exponents relative to its own first row
-        P[..., rows, rows] = log_space_scores(q[..., rows, :], k[..., rows, :], (G[..., rows, :] - ref).to(q.dtype))
-    return P
-
-
-def naive_scores(q, k, G, dtype):
-    # the chunk-level product (Q ⊙ Λ)(K / Λ)^T ⊙ M, operands rounded to dtype: k exp(-G) is unbounded
-    C = q.shape[-2]
-    q_big = (q * G.exp()).to(dtype)
-    k_big = (k * (-G).exp()).to(dtype)
-    P = (q_big.float() @ k_big.float().transpose(-1, -2)).to(q.dtype)
-    return P.masked_fill(~torch.ones(C, C, dtype=torch.bool).tril(), 0.0)
+# ----------------------------------------------------------------------------- chapter 4 (its inline code)
+_CH4 = _derivations("04_secondary_chunking")
+sub_chunk_scores_by_hand = _CH4["sub_chunk_scores_by_hand"]
+naive_scores = _CH4["naive_scores"]
+guarded_scores_by_hand = _CH4["guarded_scores_by_hand"]
 
 
 def _chunk_inputs(T, C, K, norm, dtype=torch.float32, H=2):
@@ -243,19 +223,6 @@ def test_ch4_split_and_cost_claims():
     two = {L: costs.two_level_cost(4096, 64, 64, 64, L) for L in (1, 4, 8, 16, 32, 64)}
     assert 2.5 < base.exps / two[16].exps < 3.0 and two[16].matmul_flops / two[16].flops > 0.9
     assert min(two, key=lambda L: two[L].exps) in (4, 8) and two[1].exps > base.exps
-
-
-def guarded_scores_by_hand(q, k, G, bound=64.0):
-    # one product per chunk against the midpoint of its decay, where the decay span s <= bound
-    C = q.shape[-2]
-    mid = (G[..., :1, :] + G[..., -1:, :]) / 2               # c: |G_i - c| <= s/2 on every row
-    span = (G[..., 0, :] - G[..., -1, :]).amax(-1)            # s, one number per chunk
-    fast = span <= bound
-    e = (G - mid).masked_fill(~fast[..., None, None], 0.0)    # over the bound: factor 1, product unused
-    A = (q * e.exp().to(q.dtype)) @ (k * (-e).exp().to(k.dtype)).transpose(-1, -2)
-    A = torch.where(torch.ones(C, C, dtype=torch.bool).tril(), A, 0.0)  # drop j > i: up to e^s, or inf
-    exact = log_space_scores(q, k, G)                          # fallback (the library: split sub-chunks)
-    return torch.where(fast[..., None, None], A, exact), fast
 
 
 def _mixed_gate_chunks(dtype=torch.float32, seed=11):

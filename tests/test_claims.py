@@ -140,3 +140,20 @@ def test_ch3_timing_parts_add_up_to_the_whole_they_are_shares_of():
 
 def test_ch3_prose_types_only_definitions():
     assert prose_numbers(CH3) <= CH3_DEFINITIONS, prose_numbers(CH3) - CH3_DEFINITIONS
+
+
+# --------------------------------------------------------------------------------------------- chapter 4
+def test_ch4_and_ch7_guard_bounds_are_the_librarys_and_explained_together():
+    from glalearn import flash
+    from glalearn.forms.two_level import GUARD_SPAN
+
+    ch4 = "\n".join(_source(c) for c in _cells("04_secondary_chunking") if c["cell_type"] == "markdown")
+    ch7 = "\n".join(_source(c) for c in _cells("07_flash_linear_attention") if c["cell_type"] == "markdown")
+    assert f"**Δ ≤ {GUARD_SPAN[torch.float32]:g}**" in ch4 and f"**Δ ≤ {GUARD_SPAN[torch.float16]:g}**" in ch4
+    assert GUARD_SPAN[torch.bfloat16] == GUARD_SPAN[torch.float32]
+    span_max = flash.CONFIG["span_max"]
+    # each chapter names the other's bound and says why both hold: another reference point
+    assert f"{span_max:g} nats" in ch4 and "chunk's start" in ch4
+    assert f"{GUARD_SPAN[torch.float32]:g}" in ch7 and "midpoint" in ch7
+    # the largest factor each guard allows: e^(64/2) from the midpoint, e^40 from the chunk's start
+    assert GUARD_SPAN[torch.float32] / 2 < span_max < math.log(torch.finfo(torch.bfloat16).max)
