@@ -17,7 +17,6 @@ from glalearn.forms.chunk import (
     from_chunks,
     log_space_scores,
     log_space_scores_backward,
-    matmul,
     reverse_cumsum,
     to_chunks,
 )
@@ -259,15 +258,10 @@ def test_ch4_guard_claims():
     assert broken.any() and (span[broken] > 300).all()
 
 
-# ----------------------------------------------------------------------------- chapter 5 (inline code)
-def reverse_cumsum_by_hand(x):
-    # y_t = Σ_{i >= t} x_i along the first dimension (time)
-    out = torch.zeros_like(x)
-    running = torch.zeros_like(x[0])
-    for t in reversed(range(x.shape[0])):
-        running = running + x[t]
-        out[t] = running
-    return out
+# ----------------------------------------------------------------------------- chapter 5 (its inline code)
+_CH5 = _derivations("05_backward")
+reverse_cumsum_by_hand = _CH5["reverse_cumsum_by_hand"]
+saved_numbers = _CH5["saved_numbers"]
 
 
 def test_ch5_reverse_cumsum_by_hand_is_the_library():
@@ -322,22 +316,6 @@ def test_ch5_float32_gradients_match_float64_recurrence(norm):
         grads[name] = {n: t.grad for n, t in leaves.items()}
     for n in ("q", "k", "v", "g", "initial_state"):
         assert relative_rmse(grads["chunk"][n], grads["ref"][n]) <= 1e-5
-
-
-def saved_numbers(form, inputs):
-    # how many numbers autograd keeps alive for the backward during one forward call
-    storages = {}
-
-    def pack(t):
-        # (the tensor is kept in the dict too: a temporary freed during the forward could otherwise hand
-        # its address to a later one, and two blocks would count as one)
-        storages[t.untyped_storage().data_ptr()] = (t, t.untyped_storage().nbytes() // t.element_size())
-        return t
-
-    leaves = {n: t.clone().requires_grad_() for n, t in inputs.items()}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        form(**leaves)
-    return sum(n for _, n in storages.values())
 
 
 @pytest.mark.parametrize("T", [64, 256])

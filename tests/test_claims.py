@@ -41,7 +41,7 @@ def printed(stem) -> str:
                    for o in c["outputs"] if o.get("output_type") == "stream")
 
 
-NUMBER = re.compile(r"(?<![\w.^_/])(\d[\d,]*(?:\.\d+)?(?:e-?\d+)?)")
+NUMBER = re.compile(r"(?<![\w.^_/])([0-9][0-9,]*(?:\.[0-9]+)?(?:e-?[0-9]+)?)")
 REFERENCE = re.compile(r"(Eq\.|§|chapters?|Chapter|Listing|Fig\.|Table|arXiv|exercise|step|sections?)\s*[\d.–, and]+")
 
 
@@ -157,3 +157,55 @@ def test_ch4_and_ch7_guard_bounds_are_the_librarys_and_explained_together():
     assert f"{GUARD_SPAN[torch.float32]:g}" in ch7 and "midpoint" in ch7
     # the largest factor each guard allows: e^(64/2) from the midpoint, e^40 from the chunk's start
     assert GUARD_SPAN[torch.float32] / 2 < span_max < math.log(torch.finfo(torch.bfloat16).max)
+
+
+# --------------------------------------------------------------------------------------------- chapter 5
+CH5 = "05_backward"
+CH5_DEFINITIONS = {"0", "1", "2", "3", "4", "7", "16", "32", "64", "128", "512", "1024", "0.05", "0.1",
+                   "1e-5", "1e-6", "1e-12", "1e-15"}
+
+
+def _table_rows(text, header):
+    """The rows printed under a header line, split on '|' and whitespace, until a blank or other line."""
+    lines = text[text.index(header):].splitlines()[1:]
+    rows = []
+    for line in lines:
+        cells = [c.strip() for c in line.split("|")]
+        if len(cells) < 2 or not re.match(r"^\s*[\d.]+$", cells[0]):
+            break
+        rows.append(cells)
+    return rows
+
+
+def test_ch5_memory_paragraph_is_the_measured_table():
+    text = next(md for md in markdown_outputs(CH5) if "numbers alive" in md)
+    rows = _table_rows(printed(CH5), "saved by recurrent_gla")
+    row = next(r for r in rows if r[0] == "1024")
+    assert f"that is {row[2]} numbers per head" in text  # the recurrence, as measured in the table
+    assert f"= {row[5]} numbers)" in text and int(row[4].replace(",", "")) - int(row[5].replace(",", "")) > 0
+    assert f"and {int(row[4].replace(',', '')) - int(row[5].replace(',', ''))} more" in text
+    assert f"{64 * 64 / (3 * 64 + 64):.0f} at K = V = 64" in text
+
+
+def test_ch5_measurement_bullets_are_the_printed_tables():
+    text = next(md for md in markdown_outputs(CH5) if "Diagonal pairs, one chunk" in md)
+    diag = {float(r[0]): (float(r[1]), float(r[2])) for r in _table_rows(printed(CH5), "dG, diagonal kept apart")}
+    lib, textbook = diag[0.1]
+    assert f"is {textbook / lib:.0f}× less accurate" in text and textbook / lib > 2  # "several times"
+    assert abs(diag[16.0][1] / diag[16.0][0] - 1) < 0.5  # "about equally good" with gentle gates
+    rows = _table_rows(printed(CH5), "normalizer |    T | library | textbook")
+    strong = [(int(r[1]), float(r[3])) for r in rows if r[0] == "0.1"]
+    crossing = next(T for T, e in strong if e >= 1e-5)  # as printed
+    assert f"at T = {crossing}" in text
+    worst = max(float(r[2]) for r in rows)
+    assert f"at or below {worst:.0e}" in text and worst < 1e-6
+
+
+def test_ch5_summary_describes_the_current_grouping():
+    summary = _source(_cells(CH5)[-1])
+    assert "spans each" in summary or "span each" in summary
+    assert "earlier version" not in summary.lower() and "a few 1e-6" not in summary
+
+
+def test_ch5_prose_types_only_definitions():
+    assert prose_numbers(CH5) <= CH5_DEFINITIONS, prose_numbers(CH5) - CH5_DEFINITIONS
