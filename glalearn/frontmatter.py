@@ -58,7 +58,8 @@ CHAPTERS: tuple[Chapter, ...] = (
     Chapter(5, "05_backward", "The backward pass",
             "the gate-gradient trick, gradcheck, sums that do not cancel", 35),
     Chapter(6, "06_triton_from_zero", "Triton from zero",
-            "programs, blocks, masks, `tl.dot` in the interpreter; the state and output kernels", 40),
+            "programs, blocks, masks, `tl.dot` in the interpreter; the state and output kernels", 40,
+            ("benchmarks/h200.json",)),
     Chapter(7, "07_flash_linear_attention", "FlashLinearAttention: the fused kernels, the backward, and the bytes",
             "the kernels: one guarded product per chunk, a segmented state pass, the gate gradient grouped "
             "by crossing paths, bf16 operands; memory traffic; the benchmark against fla and FlashAttention-2",
