@@ -209,3 +209,81 @@ def test_ch5_summary_describes_the_current_grouping():
 
 def test_ch5_prose_types_only_definitions():
     assert prose_numbers(CH5) <= CH5_DEFINITIONS, prose_numbers(CH5) - CH5_DEFINITIONS
+
+
+# --------------------------------------------------------------------------------------------- chapter 9
+CH9 = "09_training"
+# the evaluate command's contexts, the labels (1)-(3), the exercise 9.1, nanoGPT's 10.7M / 1.47 and the 90/10 split
+CH9_DEFINITIONS = {"1", "2", "3", "10", "90", "256", "1024", "4096", "8192", "1e-4", "1.47", "10.7", "9.1"}
+ASSETS = Path(__file__).resolve().parents[1] / "glalearn" / "assets"
+
+
+def _json(rel):
+    return json.loads((ASSETS / rel).read_text())
+
+
+def test_ch9_recipe_paragraph_is_the_training_log():
+    from glalearn.data import shakespeare_splits
+
+    text = next(md for md in markdown_outputs(CH9) if "SwiGLU FFN" in md)
+    gla, tfm = (_json(f"checkpoints/{n}/train_log.json") for n in ("shakespeare-gla", "shakespeare-transformer"))
+    tc = gla["train_config"]
+    assert {k: v for k, v in tc.items() if k not in ("model", "extra")} == \
+        {k: v for k, v in tfm["train_config"].items() if k not in ("model", "extra")}  # "the same recipe"
+    chars = tc["steps"] * tc["batch_size"] * tc["context"]
+    train_ids, _ = shakespeare_splits()
+    assert f"{tc['steps']:,} steps × {tc['batch_size']} windows × {tc['context']} characters" in text
+    assert f"= {chars / 1e6:.1f}M characters (about {chars / len(train_ids):.0f} passes" in text
+    assert gla["machine"]["gpu"] in text and tfm["machine"]["gpu"] == gla["machine"]["gpu"]
+
+
+def test_ch9_three_validation_losses_are_labelled_and_consistent():
+    out = printed(CH9)
+    for name, label in (("shakespeare-gla", "GLA"), ("shakespeare-transformer", "Transformer++")):
+        log, config = _json(f"checkpoints/{name}/train_log.json"), _json(f"checkpoints/{name}/config.json")
+        metrics = config["metrics"]
+        ext = _json("results/length_extrapolation.json")["models"][name]["rows"]
+        full_256 = next(r["val_loss"] for r in ext if r["context"] == 256)
+        # (1) the training-time estimate, (2) the full-split loss, (3) the slice loss: each printed with its label
+        assert re.search(rf"{re.escape(label)}\s+final validation loss, \(1\) the training-time estimate over \d+ windows: "
+                         rf"{log['evals'][-1]['val_loss']:.3f}", out)
+        assert f"{name:<24} (2) full-split loss @256: {metrics['val_loss_256_full']:.3f}   (3) slice loss: " \
+               f"{metrics['val_loss_slice']:.3f}" in out
+        assert abs(full_256 - metrics["val_loss_256_full"]) < 1e-4  # (2) is one number in two files
+        assert f"{label:<14} (3) slice loss, context 256: {metrics['val_loss_slice']:.2f}" in out  # recomputed live
+        assert metrics["val_loss_slice"] < metrics["val_loss_256_full"]  # "its loss is lower"
+    labels = next(md for md in markdown_outputs(CH9) if "the training-time estimate" in md)
+    tc = _json("checkpoints/shakespeare-gla/train_log.json")["train_config"]
+    assert f"fixed sample of {tc['eval_batches'] * tc['batch_size']} windows" in labels
+
+
+def test_ch9_overfitting_and_extrapolation_paragraphs_are_the_files():
+    over = _json("results/overfitting_run_2700_steps.json")
+    text = next(md for md in markdown_outputs(CH9) if "bottomed out" in md)
+    for name, run in over["runs"].items():
+        best = min(run["evals"], key=lambda e: e["val_loss"])
+        assert re.search(rf"\b{best['step']:,} \({'GLA' if name == 'shakespeare-gla' else 'Transformer'}", text)
+        assert run["evals"][-1]["val_loss"] > best["val_loss"] + 0.05  # "and then rose"
+        assert run["evals"][-1]["train_loss"] < best["train_loss"]  # "while the training loss kept falling"
+    steps = _json("checkpoints/shakespeare-gla/train_log.json")["train_config"]["steps"]
+    assert f"train for {steps:,} steps" in text
+    ext = _json("results/length_extrapolation.json")["models"]
+    g = {r["context"]: r["val_loss"] for r in ext["shakespeare-gla"]["rows"]}
+    t = {r["context"]: r["val_loss"] for r in ext["shakespeare-transformer"]["rows"]}
+    text = next(md for md in markdown_outputs(CH9) if "rotary angles" in md)
+    assert f"({g[256]:.3f} → {g[8192]:.3f})" in text and g[8192] < g[256]
+    assert f"from {t[256]:.2f} to {t[1024]:.2f} at 1,024 and {t[8192]:.2f} at 8,192" in text
+
+
+def test_ch9_throughput_table_is_the_file():
+    bench = _json("results/bench_model.json")
+    out = printed(CH9)
+    assert bench["machine"]["gpu"] in out
+    for r in bench["rows"]:
+        assert f"{r['T']:>6} {r['gla_tokens_per_s']:>12,.0f} {r['transformer_tokens_per_s']:>12,.0f}" in out
+    ratios = [r["gla_tokens_per_s"] / r["transformer_tokens_per_s"] for r in bench["rows"]]
+    assert ratios == sorted(ratios)  # "GLA's stays flat ... Transformer++'s falls": the ratio grows with T
+
+
+def test_ch9_prose_types_only_definitions():
+    assert prose_numbers(CH9) <= CH9_DEFINITIONS, prose_numbers(CH9) - CH9_DEFINITIONS
