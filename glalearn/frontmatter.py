@@ -70,7 +70,7 @@ CHAPTERS: tuple[Chapter, ...] = (
             "the shipped models, generation, length extrapolation, training throughput", 40,
             ("checkpoints/shakespeare-gla/train_log.json", "checkpoints/shakespeare-transformer/train_log.json",
              "results/overfitting_run_2700_steps.json", "results/length_extrapolation.json",
-             "results/bench_model.json")),
+             "results/bench_model.json", "benchmarks/h200.json")),
     Chapter(10, "10_recall_and_the_gate", "Recall and the gate",
             "MQAR (a CPU miniature and the paper's grid on a GPU at a fortieth of its budget) and the gate "
             "ablation", 30, ("results/recall_gpu.json", "results/recall_gpu_long.json")),
