@@ -135,7 +135,7 @@ def log_space_scores_backward(
 ) -> tuple[torch.Tensor, ...]:
     """Gradients of :func:`log_space_scores` with respect to q and k, holding G fixed (chapter 5).
 
-    dq_ik = Σ_j dP_ij k_jk exp(G_ik - G_jk),  dk_jk = Σ_i dP_ij q_ik exp(G_ik - G_jk).
+    dq_ic = Σ_j dP_ij k_jc exp(G_ic - G_jc),  dk_jc = Σ_i dP_ij q_ic exp(G_ic - G_jc).
     The gradient with respect to G follows from these by the gate-gradient trick.
     With ``with_scores`` also returns the scores P themselves, from the same exps (the backward
     needs P for dv and would otherwise compute every exp once more).
@@ -276,10 +276,10 @@ def chunk_gla(
     Args:
         q, k: [B, T, H, K];  v: [B, T, H, V];  g: [B, T, H, K] log forget gates (<= 0).
         scale: multiplies q; default K ** -0.5.
-        initial_state: S_0 [B, H, K, V];  output_final_state: also return S_T.
+        initial_state: S_[0] [B, H, K, V];  output_final_state: also return S_[N], the final state.
         chunk_size: C, a power of two; T need not be a multiple of it.
     Returns:
-        o [B, T, H, V] in q's dtype, and S_T [B, H, K, V] (float32, float64 for float64 inputs) or None.
+        o [B, T, H, V] in q's dtype, and S_[N] [B, H, K, V] (float32, float64 for float64 inputs) or None.
 
     Exact for every legal gate (intra-chunk scores in log space). Differentiable through a
     hand-written backward that recomputes chunk states and uses the gate-gradient trick.
