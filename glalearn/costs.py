@@ -65,9 +65,9 @@ def _log_space_pairs(n: int) -> int:
 
 
 def log_space_scores_cost(C: int, K: int) -> FormCost:
-    """P[i, j] = Σ_k q_ik k_jk exp(G_ik - G_jk) for the C(C+1)/2 pairs j <= i (chapters 2-3).
+    """P[i, j] = Σ_c q_ic k_jc exp(G_ic - G_jc) for the C(C+1)/2 pairs j <= i (chapters 2-3).
 
-    One exp per (i, j, k) triple, plus a subtraction, two multiplies and an add: not a matmul.
+    One exp per (i, j, c) triple, plus a subtraction, two multiplies and an add: not a matmul.
     """
     _check_sizes(C=C, K=K)
     triples = _log_space_pairs(C) * K
@@ -75,10 +75,10 @@ def log_space_scores_cost(C: int, K: int) -> FormCost:
 
 
 def parallel_cost(T: int, K: int, V: int, log_space: bool = True) -> FormCost:
-    """The parallel form O = (P ⊙ M) V over the whole sequence (chapter 2, for comparison in chapter 3).
+    """The parallel form o = scale · A v over the whole sequence (chapter 2, for comparison in chapter 3).
 
-    ``log_space=False``: (Q⊙B)(K/B)^T is one T x T x K product (plus 2·T·K exps and scalings);
-    ``log_space=True``: the scores entrywise, one exp per (t, s, k) triple. Either way one step.
+    ``log_space=False``: (q⊙b)(k/b)^T is one T x T x K product (plus 2·T·K exps and scalings);
+    ``log_space=True``: the scores A entrywise, one exp per (t, s, c) triple. Either way one step.
     """
     _check_sizes(T=T, K=K, V=V)
     output = 2 * T * T * V
@@ -93,12 +93,12 @@ def chunk_cost(T: int, K: int, V: int, chunk_size: int) -> FormCost:
 
     With N = ceil(T / C) chunks (T padded to N·C):
 
-    * decays: Λ = exp(G) and Γ = exp(γ - G), 2·N·C·K exps; Q⊙Λ and K⊙Γ, 2·N·C·K FLOPs;
-    * chunk states: (K⊙Γ)^T V, a C-deep product per chunk, 2·N·C·K·V matmul FLOPs; the recurrence
-      S_{n+1} = Diag(exp(γ_n)) S_n + ... costs 2·K·V per chunk and N·K exps — the N sequential steps;
-    * inter-chunk output (Q⊙Λ) S_n: 2·N·C·K·V matmul FLOPs;
+    * decays: Λ = exp(G) and Γ = exp(γ - G), 2·N·C·K exps; q⊙Λ and k⊙Γ, 2·N·C·K FLOPs;
+    * chunk states: (k⊙Γ)^T v, a C-deep product per chunk, 2·N·C·K·V matmul FLOPs; the recurrence
+      S_[n+1] = Diag(exp(γ_[n])) S_[n] + ... costs 2·K·V per chunk and N·K exps: the N sequential steps;
+    * inter-chunk output (q⊙Λ) S_[n]: 2·N·C·K·V matmul FLOPs;
     * intra-chunk scores in log space: N·C(C+1)/2·K exps (see :func:`log_space_scores_cost`);
-    * intra-chunk output P V: 2·N·C·C·V matmul FLOPs.
+    * intra-chunk output P v: 2·N·C·C·V matmul FLOPs.
     """
     N = num_chunks(T, chunk_size)
     _check_sizes(K=K, V=V)
@@ -114,10 +114,11 @@ def chunk_cost(T: int, K: int, V: int, chunk_size: int) -> FormCost:
 def two_level_cost(T: int, K: int, V: int, chunk_size: int, sub_chunk_size: int) -> FormCost:
     """Secondary-level chunking, paper §4.3 (chapter 4): the intra-chunk scores from sub-chunks of L.
 
-    Per chunk, with S = C / L sub-chunks: the S(S-1)/2 pairs of an earlier key sub-chunk and a later
+    Per chunk, with C / L sub-chunks: the (C/L)(C/L - 1)/2 pairs of an earlier key sub-chunk and a later
     query sub-chunk are one L x K x L product each (2·L·L·K matmul FLOPs), against the bounded factors
-    q̃ = q ⊙ exp(G - G_r) and k̃ = k ⊙ exp(G_r - G) (2·C·K exps and multiplies for the per-token
-    parts, one more K-vector of exps per pair); the S diagonal sub-chunks stay in log space,
+    q̃ = q ⊙ exp(G - G_uL) and k̃ = k ⊙ exp(G_uL - G), with uL the query sub-chunk's first row
+    (2·C·K exps and multiplies for the per-token parts, one more K-vector of exps per pair); the C / L
+    diagonal sub-chunks stay in log space,
     L(L+1)/2·K exps each. Everything else is as in :func:`chunk_cost`.
     """
     N = num_chunks(T, chunk_size)

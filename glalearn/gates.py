@@ -58,7 +58,7 @@ class LowRankGate(nn.Module):
 
 
 def cumulative_log_decay(g: torch.Tensor, dim: int = -2) -> torch.Tensor:
-    """G_t = g_1 + ... + g_t along ``dim`` (time), so b_t = exp(G_t) (chapters 1-2)."""
+    """G_t = g_0 + ... + g_t along ``dim`` (time, tokens counted from 0), so b_t = exp(G_t) (chapters 1-2)."""
     return g.cumsum(dim=dim)
 
 
@@ -94,5 +94,5 @@ def decay_mask(g: torch.Tensor) -> torch.Tensor:
 
 
 def retnet_log_decay(num_heads: int) -> torch.Tensor:
-    """RetNet's fixed per-head decays γ_h = 1 - 2^(-5-h), as log gates [H] (chapters 1 and 10)."""
+    """RetNet's fixed per-head decays ρ_h = 1 - 2^(-5-h), h = 0 ... H-1, as log gates log ρ_h [H] (chapters 1, 10)."""
     return torch.tensor([math.log1p(-(2.0 ** (-5 - h))) for h in range(num_heads)])

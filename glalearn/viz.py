@@ -6,10 +6,10 @@ need only torch and matplotlib; :func:`gate_decay_explorer` wires them to ipywid
 
 What the explorer shows. A token x_t [d] goes through the paper's low-rank gate (§4.4)
 
-    g_t = logsigmoid(x_t W1 W2 + b) / τ,        b_t = exp(g_1 + ... + g_t)   (cumulative decay)
+    g_t = logsigmoid(x_t W1 W2 + b_α) / τ,      b_t = exp(g_0 + ... + g_t)   (cumulative decay)
 
 and the T x T decay mask D[t, s] = b_t / b_s says how much of token s is left in the state at time t.
-Next to it, RetNet's fixed decay γ_h = 1 - 2^(-5-h) gives the same pictures without any input.
+Next to it, RetNet's fixed decay ρ_h = 1 - 2^(-5-h) gives the same pictures without any input.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ class GateDecayCurves:
     retnet_mask: torch.Tensor
 
     def summary(self) -> str:
-        """One line per channel: α range, b_T, and the GLA vs RetNet decay after T steps."""
+        """One line per channel: α range, the decay after all T tokens (b_{T-1}, printed "b_T"), and RetNet's."""
         T, K = self.b.shape
         alpha = self.g.exp()
         lines = [f"τ = {self.tau:g}, bias = {self.bias:g}, pattern = {self.pattern!r}, T = {T}"]

@@ -1,8 +1,11 @@
 """Every claim of chapters 3-5 as a test, and every function they derive inline checked against the library.
 
-The inline functions below are the chapters' own code (copied from the notebook cells that define them);
+The inline functions are the chapters' own code, executed from their notebook cells tagged "derivation";
 the notebooks assert the same equalities in a cell.
 """
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +17,6 @@ from glalearn.forms.chunk import (
     from_chunks,
     log_space_scores,
     log_space_scores_backward,
-    matmul,
     reverse_cumsum,
     to_chunks,
 )
@@ -27,28 +29,31 @@ def f64(inputs):
     return {n: t.double() for n, t in inputs.items()}
 
 
-# ----------------------------------------------------------------------------- chapter 3 (inline code)
-def chunk_states_by_hand(kc, vc, G):
-    # S_{n+1} = Diag(exp(γ_n)) S_n + (K_n ⊙ Γ_n)^T V_n, one chunk at a time
-    B, H, N, _, K = kc.shape
-    S = kc.new_zeros(B, H, K, vc.shape[-1])
-    states = []
-    for n in range(N):
-        states.append(S)
-        gamma = G[:, :, n, -1, :]  # [B, H, K]
-        K_Gamma = kc[:, :, n] * (gamma.unsqueeze(-2) - G[:, :, n]).exp()
-        S = gamma.exp().unsqueeze(-1) * S + K_Gamma.transpose(-1, -2) @ vc[:, :, n]
-    return torch.stack(states, dim=2), S
+CHAPTERS = Path(__file__).resolve().parents[1] / "chapters"
 
 
-def intra_scores_by_hand(q, k, G):
-    # P[i, j] = Σ_k q_ik k_jk exp(G_ik - G_jk) for j <= i, else 0; q, k, G: [..., C, K]
-    C = q.shape[-2]
-    P = q.new_zeros(*q.shape[:-2], C, C)
-    for i in range(C):
-        for j in range(i + 1):
-            P[..., i, j] = (q[..., i, :] * k[..., j, :] * (G[..., i, :] - G[..., j, :]).exp()).sum(-1)
-    return P
+def _derivations(stem) -> dict:
+    """Run a chapter's cells tagged "derivation" (its inline functions, nothing else) in a namespace
+    holding the chapter's imports; return the namespace. So these tests check the code a learner reads."""
+    import math
+
+    from glalearn.forms import chunk as chunk_module
+    from glalearn.forms import two_level as two_level_module
+
+    ns = {"torch": torch, "math": math, **{n: getattr(chunk_module, n) for n in dir(chunk_module) if not n.startswith("__")},
+          **{n: getattr(two_level_module, n) for n in dir(two_level_module) if not n.startswith("__")}}
+    nb = json.loads((CHAPTERS / f"{stem}.ipynb").read_text())
+    cells = [c for c in nb["cells"] if "derivation" in c.get("metadata", {}).get("tags", [])]
+    assert cells, f"{stem} has no cells tagged 'derivation'"
+    for cell in cells:
+        exec(compile("".join(cell["source"]), f"{stem}:derivation", "exec"), ns)  # noqa: S102
+    return ns
+
+
+# ----------------------------------------------------------------------------- chapter 3 (its inline code)
+_CH3 = _derivations("03_chunkwise")
+chunk_states_by_hand = _CH3["chunk_states_by_hand"]
+intra_scores_by_hand = _CH3["intra_scores_by_hand"]
 
 
 CHUNK_CASES = [(4, 2, 2, 2, 2), (7, 4, 3, 5, 1.0), (33, 8, 4, 2, 0.1), (64, 16, 8, 8, 16.0)]
@@ -132,31 +137,11 @@ def test_ch3_cost_sweep_claims():
     assert abs(costs.log_space_scores_cost(64, K).exps / 64 - 64 / 2 * K) / (32 * K) < 0.05
 
 
-# ----------------------------------------------------------------------------- chapter 4 (inline code)
-def sub_chunk_scores_by_hand(q, k, G, L, matmul_dtype=None):
-    # P [..., C, C] from sub-chunks of L tokens; q, k: [..., C, K], G: chunk-local cumulative log decay
-    C = q.shape[-2]
-    P = q.new_zeros(*q.shape[:-2], C, C)
-    for a in range(C // L):  # query sub-chunk
-        rows = slice(a * L, (a + 1) * L)
-        ref = G[..., a * L : a * L + 1, :]  # reference point: first row of sub-chunk a
-        q_tilde = q[..., rows, :] * (G[..., rows, :] - ref).to(q.dtype).exp()  # |q̃| <= |q|
-        for b in range(a):  # earlier key sub-chunks: bounded products
-            cols = slice(b * L, (b + 1) * L)
-            k_tilde = k[..., cols, :] * (ref - G[..., cols, :]).to(k.dtype).exp()  # |k̃| <= |k|
-            P[..., rows, cols] = matmul(q_tilde, k_tilde.transpose(-1, -2), matmul_dtype)
-        # the diagonal sub-chunk: float32 log space, exponents relative to its own first row
-        P[..., rows, rows] = log_space_scores(q[..., rows, :], k[..., rows, :], (G[..., rows, :] - ref).to(q.dtype))
-    return P
-
-
-def naive_scores(q, k, G, dtype):
-    # the chunk-level product (Q ⊙ Λ)(K / Λ)^T ⊙ M, operands rounded to dtype: k exp(-G) is unbounded
-    C = q.shape[-2]
-    q_big = (q * G.exp()).to(dtype)
-    k_big = (k * (-G).exp()).to(dtype)
-    P = (q_big.float() @ k_big.float().transpose(-1, -2)).to(q.dtype)
-    return P.masked_fill(~torch.ones(C, C, dtype=torch.bool).tril(), 0.0)
+# ----------------------------------------------------------------------------- chapter 4 (its inline code)
+_CH4 = _derivations("04_secondary_chunking")
+sub_chunk_scores_by_hand = _CH4["sub_chunk_scores_by_hand"]
+naive_scores = _CH4["naive_scores"]
+guarded_scores_by_hand = _CH4["guarded_scores_by_hand"]
 
 
 def _chunk_inputs(T, C, K, norm, dtype=torch.float32, H=2):
@@ -239,19 +224,6 @@ def test_ch4_split_and_cost_claims():
     assert min(two, key=lambda L: two[L].exps) in (4, 8) and two[1].exps > base.exps
 
 
-def guarded_scores_by_hand(q, k, G, bound=64.0):
-    # one product per chunk against the midpoint of its decay, where the decay span s <= bound
-    C = q.shape[-2]
-    mid = (G[..., :1, :] + G[..., -1:, :]) / 2               # c: |G_i - c| <= s/2 on every row
-    span = (G[..., 0, :] - G[..., -1, :]).amax(-1)            # s, one number per chunk
-    fast = span <= bound
-    e = (G - mid).masked_fill(~fast[..., None, None], 0.0)    # over the bound: factor 1, product unused
-    A = (q * e.exp().to(q.dtype)) @ (k * (-e).exp().to(k.dtype)).transpose(-1, -2)
-    A = torch.where(torch.ones(C, C, dtype=torch.bool).tril(), A, 0.0)  # drop j > i: up to e^s, or inf
-    exact = log_space_scores(q, k, G)                          # fallback (the library: split sub-chunks)
-    return torch.where(fast[..., None, None], A, exact), fast
-
-
 def _mixed_gate_chunks(dtype=torch.float32, seed=11):
     # the chapter's eight chunks: gates from gentle to very strong, spans under and far over the bound
     gates = torch.cat([random_gla_inputs(B=1, T=64, H=2, K=16, V=16, gate_normalizer=n, seed=seed)["g"]
@@ -286,15 +258,10 @@ def test_ch4_guard_claims():
     assert broken.any() and (span[broken] > 300).all()
 
 
-# ----------------------------------------------------------------------------- chapter 5 (inline code)
-def reverse_cumsum_by_hand(x):
-    # y_t = Σ_{i >= t} x_i along the first dimension (time)
-    out = torch.zeros_like(x)
-    running = torch.zeros_like(x[0])
-    for t in reversed(range(x.shape[0])):
-        running = running + x[t]
-        out[t] = running
-    return out
+# ----------------------------------------------------------------------------- chapter 5 (its inline code)
+_CH5 = _derivations("05_backward")
+reverse_cumsum_by_hand = _CH5["reverse_cumsum_by_hand"]
+saved_numbers = _CH5["saved_numbers"]
 
 
 def test_ch5_reverse_cumsum_by_hand_is_the_library():
@@ -349,22 +316,6 @@ def test_ch5_float32_gradients_match_float64_recurrence(norm):
         grads[name] = {n: t.grad for n, t in leaves.items()}
     for n in ("q", "k", "v", "g", "initial_state"):
         assert relative_rmse(grads["chunk"][n], grads["ref"][n]) <= 1e-5
-
-
-def saved_numbers(form, inputs):
-    # how many numbers autograd keeps alive for the backward during one forward call
-    storages = {}
-
-    def pack(t):
-        # (the tensor is kept in the dict too: a temporary freed during the forward could otherwise hand
-        # its address to a later one, and two blocks would count as one)
-        storages[t.untyped_storage().data_ptr()] = (t, t.untyped_storage().nbytes() // t.element_size())
-        return t
-
-    leaves = {n: t.clone().requires_grad_() for n, t in inputs.items()}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        form(**leaves)
-    return sum(n for _, n in storages.values())
 
 
 @pytest.mark.parametrize("T", [64, 256])

@@ -1,11 +1,13 @@
 """The chunkwise form of GLA (chapter 3), with a hand-written backward (chapter 5).
 
-Split the sequence into chunks of C tokens. Inside chunk n, with the chunk-local cumulative log decay
-G_i = g_{nC+1} + ... + g_{nC+i} (so Λ_i = exp(G_i), Γ_i = exp(γ - G_i), γ = G_C in the paper's names):
+Split the sequence into chunks of C tokens (chunk n holds tokens nC ... nC+C-1; notation of chapter 0).
+Inside chunk n, with the chunk-local cumulative log decay G_i = g_{nC} + ... + g_{nC+i} (so
+Λ_i = exp(G_i), Γ_i = exp(γ - G_i), and γ = G_{C-1} the log decay across the chunk), chunk n reads the
+state S_[n] entering it and writes S_[n+1]:
 
-    S_{n+1} = Diag(exp(γ_n)) S_n + (K_n ⊙ Γ_n)^T V_n                       state passed between chunks
-    O_n     = scale * (Q_n ⊙ Λ_n) S_n                                        inter-chunk: the past
-            + P_n V_n,   P_n[i, j] = scale * Σ_k q_ik k_jk exp(G_ik - G_jk)  intra-chunk, j <= i
+    S_[n+1] = Diag(exp(γ_[n])) S_[n] + (k_[n] ⊙ Γ_[n])^T v_[n]                  state passed between chunks
+    o_[n]   = scale * (q_[n] ⊙ Λ_[n]) S_[n]                                      inter-chunk: the past
+            + scale * P_[n] v_[n],   P_[n][i, j] = Σ_c q_ic k_jc exp(G_ic - G_jc)  intra-chunk, j <= i
 
 Only N = T / C steps are sequential; everything else is a batched product. The intra-chunk scores are
 computed in log space (every exponent <= 0), so the form is exact for every legal gate; chapter 4
@@ -44,7 +46,7 @@ def from_chunks(x: torch.Tensor, T: int) -> torch.Tensor:
 
 
 def chunk_local_cumsum(g_chunks: torch.Tensor) -> torch.Tensor:
-    """G = log Λ: cumulative log decay inside each chunk. [..., C, K] -> [..., C, K] (chapter 3).
+    """G = log Λ: the chunk-local cumulative log decay, G_i = g_{nC} + ... + g_{nC+i}. [..., C, K] (chapter 3).
 
     Accumulated in float64: under strong gates G reaches hundreds, and a float32 prefix sum of that
     size keeps only ~1e-5 of the small differences G_i - G_j that the exponents need. Every consumer
@@ -68,14 +70,14 @@ def chunk_states(
     initial_state: torch.Tensor | None = None,
     matmul_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The inter-chunk recurrence S_{n+1} = Diag(exp(γ_n)) S_n + (K_n ⊙ Γ_n)^T V_n (chapter 3).
+    """The inter-chunk recurrence S_[n+1] = Diag(exp(γ_[n])) S_[n] + (k_[n] ⊙ Γ_[n])^T v_[n] (chapter 3).
 
     Args:
         k_chunks: [B, H, N, C, K];  v_chunks: [B, H, N, C, V];  G: chunk-local cumulative log decay.
-        initial_state: S_0 [B, H, K, V] or None (zeros).
+        initial_state: S_[0] [B, H, K, V] or None (zeros).
         matmul_dtype: dtype of the operands of the update product (chapter 4); states stay in G's dtype.
     Returns:
-        (states [B, H, N, K, V]: the state entering each chunk, final_state [B, H, K, V]).
+        (states [B, H, N, K, V]: S_[0] ... S_[N-1], the state entering each chunk; final_state S_[N] [B, H, K, V]).
     """
     dt = k_chunks.dtype
     gamma = G[:, :, :, -1, :]  # [B, H, N, K] log decay over the whole chunk
@@ -88,10 +90,10 @@ def chunk_states(
 def pass_states(
     updates: torch.Tensor, decay: torch.Tensor, initial_state: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Walk S_{n+1} = Diag(decay_n) S_n + U_n over the chunks: the only sequential loop (chapter 3).
+    """Walk S_[n+1] = Diag(decay_[n]) S_[n] + update_[n] over the chunks: the only sequential loop (chapter 3).
 
-    Args: updates U: [B, H, N, K, V];  decay exp(γ): [B, H, N, K];  initial_state: [B, H, K, V] or None.
-    Returns: (states entering each chunk [B, H, N, K, V], final state [B, H, K, V]).
+    Args: updates: [B, H, N, K, V];  decay exp(γ): [B, H, N, K];  initial_state S_[0]: [B, H, K, V] or None.
+    Returns: (S_[0] ... S_[N-1], the states entering each chunk [B, H, N, K, V], S_[N] [B, H, K, V]).
     """
     B, H, N, K, V = updates.shape
     decay = decay.unsqueeze(-1)
@@ -104,7 +106,7 @@ def pass_states(
 
 
 def log_space_scores(q: torch.Tensor, k: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
-    """P[i, j] = Σ_k q_ik k_jk exp(G_ik - G_jk) for j <= i, else 0 (chapter 3).
+    """P[i, j] = Σ_c q_ic k_jc exp(G_ic - G_jc) for j <= i, else 0 (chapter 3; no scale).
 
     Args: q, k, G: [..., C, K]. Returns: [..., C, C]. Every exponent is <= 0, so nothing overflows.
     Differentiable in q, k and G (the G gradient by the gate-gradient trick, chapter 5).
@@ -133,7 +135,7 @@ def log_space_scores_backward(
 ) -> tuple[torch.Tensor, ...]:
     """Gradients of :func:`log_space_scores` with respect to q and k, holding G fixed (chapter 5).
 
-    dq_ik = Σ_j dP_ij k_jk exp(G_ik - G_jk),  dk_jk = Σ_i dP_ij q_ik exp(G_ik - G_jk).
+    dq_ic = Σ_j dP_ij k_jc exp(G_ic - G_jc),  dk_jc = Σ_i dP_ij q_ic exp(G_ic - G_jc).
     The gradient with respect to G follows from these by the gate-gradient trick.
     With ``with_scores`` also returns the scores P themselves, from the same exps (the backward
     needs P for dv and would otherwise compute every exp once more).
@@ -186,10 +188,10 @@ def reverse_cumsum(x: torch.Tensor, dim: int) -> torch.Tensor:
 class ChunkGLAFunction(torch.autograd.Function):
     """The chunk form with a hand-written backward (chapter 5).
 
-    The forward keeps no chunk states for the backward: it saves only q, k, v, g and S_0 and
+    The forward keeps no chunk states for the backward: it saves only q, k, v, g and S_[0] and
     recomputes the N chunk states there (N·K·V numbers, never the T·K·V per-step states).
     The gate gradient uses the paper's trick: d log b_t = q_t ⊙ dq_t - k_t ⊙ dk_t, then
-    d g_t = Σ_{i >= t} d log b_i (a reverse cumulative sum).
+    dg_t = Σ_{t' >= t} d log b_{t'} (a reverse cumulative sum), grouped so that nothing large cancels.
     """
 
     @staticmethod
@@ -215,13 +217,13 @@ class ChunkGLAFunction(torch.autograd.Function):
         states, final = chunk_states(kc, vc, G, initial_state)  # recomputed, not stored
         gamma = G[:, :, :, -1:, :]
         q_decay = G.to(qc.dtype).exp()  # Λ
-        q_decayed = qc * q_decay  # Q ⊙ Λ
+        q_decayed = qc * q_decay  # q ⊙ Λ
         k_decay = (gamma - G).to(qc.dtype).exp()  # Γ
-        # d S_n: the gradient reaching the state entering chunk n, walked backwards through the chunks.
-        local = scale * q_decayed.transpose(-1, -2) @ doc  # [B, H, N, K, V] from O_n's inter term
+        # dS_[n]: the gradient reaching the state entering chunk n, walked backwards through the chunks.
+        local = scale * q_decayed.transpose(-1, -2) @ doc  # [B, H, N, K, V] from o_[n]'s inter term
         decay = gamma.squeeze(-2).to(qc.dtype).exp().unsqueeze(-1)
         d_state = torch.zeros_like(final) if dfinal is None else dfinal
-        d_leaving = []  # gradient at S_{n+1}, the state leaving chunk n
+        d_leaving = []  # dS_[n+1], the gradient at the state leaving chunk n
         for n in reversed(range(qc.shape[2])):
             d_leaving.append(d_state)
             d_state = decay[:, :, n] * d_state + local[:, :, n]
@@ -234,18 +236,19 @@ class ChunkGLAFunction(torch.autograd.Function):
         dq, dk, P = log_space_scores_backward(dP.tril(-1), qc, kc, G, with_scores=True)
         dq, dk = scale * dq, scale * dk
         dv = scale * P.transpose(-1, -2) @ doc
-        # Inter-chunk part: O_n = scale (Q⊙Λ) S_n and S_{n+1} = ... + (K⊙Γ)^T V.
+        # Inter-chunk part: o_[n] = scale (q⊙Λ) S_[n] and S_[n+1] = ... + (k⊙Γ)^T v.
         dq = dq + scale * (doc @ states.transpose(-1, -2)) * q_decay
-        dk_state = (vc @ d_leaving.transpose(-1, -2)) * k_decay  # through S_{n+1}
+        dk_state = (vc @ d_leaving.transpose(-1, -2)) * k_decay  # through S_[n+1]
         dv = dv + (kc * k_decay) @ d_leaving
-        # The gate-gradient trick: d log b_t = q_t ⊙ dq_t - k_t ⊙ dk_t, summed over i >= t. Written as
+        # The gate-gradient trick: d log b_t = q_t ⊙ dq_t - k_t ⊙ dk_t, summed over t' >= t. Written as
         # one reverse sum it subtracts large, nearly equal totals whenever gates are strong, so the
-        # terms are grouped by the pairs (i, j) whose decay spans t (j < t <= i), none subtracted:
+        # terms are grouped by the pairs (query, key) whose decay spans t (key < t <= query), none
+        # subtracted:
         #   - both in the chunk, and the chunk's outputs against the past: reverse sum inside the chunk
         #     of q ⊙ dq - k ⊙ dk_intra (bounded to C terms);
-        #   - key j < t of the chunk read after the chunk (through S_{n+1}): a forward sum of k ⊙ dk_state
+        #   - key j < t of the chunk read after the chunk (through S_[n+1]): a forward sum of k ⊙ dk_state
         #     over j < t;
-        #   - the past S_n read after the chunk: exp(γ) Σ_v S_n ⊙ dS_{n+1}, the same for every t.
+        #   - the past S_[n] read after the chunk: exp(γ) ⊙ (S_[n] ⊙ dS_[n+1]) 1, the same for every t.
         within = (qc * dq - kc * dk).to(torch.float64)
         through_state = (kc * dk_state).to(torch.float64)
         earlier_keys = through_state.cumsum(-2) - through_state  # Σ_{j < t}
@@ -273,10 +276,10 @@ def chunk_gla(
     Args:
         q, k: [B, T, H, K];  v: [B, T, H, V];  g: [B, T, H, K] log forget gates (<= 0).
         scale: multiplies q; default K ** -0.5.
-        initial_state: S_0 [B, H, K, V];  output_final_state: also return S_T.
+        initial_state: S_[0] [B, H, K, V];  output_final_state: also return S_[N], the final state.
         chunk_size: C, a power of two; T need not be a multiple of it.
     Returns:
-        o [B, T, H, V] in q's dtype, and S_T [B, H, K, V] (float32, float64 for float64 inputs) or None.
+        o [B, T, H, V] in q's dtype, and S_[N] [B, H, K, V] (float32, float64 for float64 inputs) or None.
 
     Exact for every legal gate (intra-chunk scores in log space). Differentiable through a
     hand-written backward that recomputes chunk states and uses the gate-gradient trick.

@@ -1,16 +1,17 @@
 """The parallel form of GLA (chapter 2).
 
-Unrolling the recurrence gives, with b_t = exp(G_t), G_t = g_1 + ... + g_t (cumulative log decay),
+Unrolling the recurrence gives, with b_t = exp(G_t), G_t = g_0 + ... + g_t (cumulative log decay, tokens
+counted from 0; notation of chapter 0) and b the T x K matrix whose row t is b_t,
 
     o_t = scale * sum_{s <= t} (q_t ⊙ b_t) · (k_s / b_s)  v_s                  (paper Eq. 4, first form)
-    O   = scale * ((Q ⊙ B)(K / B)^T ⊙ M) V                                       M: causal mask
+    o   = scale * A v,   A = ((q ⊙ b)(k / b)^T) ⊙ M                            M: causal mask
 
-That is one matrix product — but K / B = k_s · exp(-G_s) overflows float32 once G_s < -88
-(float16: once G_s < -11), and Q ⊙ B underflows. The stable log-space form computes each entry as
+That is one matrix product, but k / b = k_s · exp(-G_s) overflows float32 once G_s < -88
+(float16: once G_s < -11), and q ⊙ b underflows. The stable log-space form computes each entry as
 
-    P_ts = scale * sum_k q_tk k_sk exp(G_tk - G_sk)        (s <= t, so the exponent is <= 0)
+    A[t, s] = sum_c q_tc k_sc exp(G_tc - G_sc)        (s <= t, so the exponent is <= 0)
 
-which never overflows but is no longer a matrix product: every (t, s, k) triple needs its own exp,
+which never overflows but is no longer a matrix product: every (t, s, c) triple needs its own exp,
 so it cannot run on tensor cores. Both cost O(T^2) in time.
 """
 
@@ -44,13 +45,13 @@ def parallel_gla(
     Args:
         q, k: [B, T, H, K];  v: [B, T, H, V];  g: [B, T, H, K] log forget gates (<= 0).
         scale: multiplies q; default K ** -0.5.
-        initial_state: S_0 [B, H, K, V];  output_final_state: also return S_T.
-        log_space: False gives the textbook form ((Q⊙B)(K/B)^T ⊙ M) V. It feeds Q⊙B and K/B to the
+        initial_state: S_{-1} [B, H, K, V];  output_final_state: also return S_{T-1}.
+        log_space: False gives the textbook form scale·((q⊙b)(k/b)^T ⊙ M) v. It feeds q⊙b and k/b to the
             matrix product in the inputs' dtype (as tensor cores would receive them), so it overflows
             to inf/NaN once the cumulative decay passes the dtype's range: float32 at G < -88,
             float16 at G < -11. True (default) gives the stable form of paper Eq. 4.
     Returns:
-        o [B, T, H, V] in q's dtype, and S_T [B, H, K, V] or None.
+        o [B, T, H, V] in q's dtype, and S_{T-1} [B, H, K, V] or None.
 
     Time and memory O(T^2) (the log-space form works in row blocks so memory stays bounded).
     """
@@ -65,7 +66,7 @@ def parallel_gla(
     if log_space:
         o = _log_space_output(q, k, v, G, mask, info.scale)
     else:
-        # The matmul-shaped form. Q⊙B and K/B are rounded to the input dtype before the product.
+        # The matmul-shaped form. q⊙b and k/b are rounded to the input dtype before the product.
         q_tilde = (q * G.to(dt).exp()).to(info.out_dtype).to(dt)
         k_tilde = (k * (-G).to(dt).exp()).to(info.out_dtype).to(dt)
         P = (q_tilde @ k_tilde.transpose(-1, -2)).masked_fill(~mask, 0.0)

@@ -44,10 +44,10 @@ def recurrent_gla(
     Args:
         q, k: [B, T, H, K];  v: [B, T, H, V];  g: [B, T, H, K] log forget gates (<= 0).
         scale: multiplies q; default K ** -0.5.
-        initial_state: S_0, [B, H, K, V] (float32 unless the inputs are float64).
-        output_final_state: also return S_T.
+        initial_state: S_{-1}, the state before token 0, [B, H, K, V] (float32 unless the inputs are float64).
+        output_final_state: also return S_{T-1}, the state after the last token.
     Returns:
-        o [B, T, H, V] in q's dtype, and S_T [B, H, K, V] (float32, or float64 for float64 inputs) or None.
+        o [B, T, H, V] in q's dtype, and S_{T-1} [B, H, K, V] (float32, or float64 for float64 inputs) or None.
 
     Computes in float32 (float64 when any input is float64). Differentiable by autograd, which stores
     every per-step state: O(T·K·V) memory. Chapter 5 shows how the chunk form avoids that.

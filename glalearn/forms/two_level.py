@@ -1,13 +1,13 @@
 """Secondary-level chunking (chapter 4): the intra-chunk part made matmul-shaped and still exact.
 
-Chapter 3's intra-chunk scores need one exp per (i, j, k) triple: no tensor cores. Split each chunk of
-C tokens again into sub-chunks of L tokens (paper §4.3, Listing 1). For a query sub-chunk a and an
-*earlier* key sub-chunk b < a, pick the reference point r = the first position of sub-chunk a:
+Chapter 3's intra-chunk scores need one exp per (i, j, c) triple: no tensor cores. Split each chunk of
+C tokens again into sub-chunks of L tokens (paper §4.3, Listing 1). For a query sub-chunk u and an
+*earlier* key sub-chunk w < u, take the reference row uL, the first row of sub-chunk u:
 
-    P[i, j] = Σ_k (q_ik exp(G_ik - G_rk)) · (k_jk exp(G_rk - G_jk))      i in a, j in b < a
+    P[i, j] = Σ_c (q_ic exp(G_ic - G_uL,c)) · (k_jc exp(G_uL,c - G_jc))      i in u, j in w < u
 
-Both factors are <= 1 (i >= r > j and G only decreases), so the two operands are bounded and can be
-rounded to half precision and multiplied on tensor cores. Only the diagonal sub-chunks (a = b) have
+Both factors are <= 1 (i >= uL > j and G only decreases), so the two operands are bounded and can be
+rounded to half precision and multiplied on tensor cores. Only the diagonal sub-chunks (w = u) have
 pairs on both sides of every reference point; they stay in float32 log space, L x L x K per sub-chunk
 (or are split again, recursively). The chunk states and the inter-chunk products are matmuls too.
 
@@ -84,13 +84,13 @@ def _scores(qs, ks, decays, matmul_dtype, diagonal):
     *lead, S, L, K = qs.shape
     dt = qs.dtype
     q_tilde = qs * decays["from_first"].exp()  # exp(G_i - G_ref) <= 1
-    # k̃[a, b] = k_j exp(G_ref(a) - G_j) = k_j exp(G_end(b) - G_j) · exp(G_ref(a) - G_end(b)), both <= 1
-    # for b < a: the first factor per key, the second one number per (a, b, channel).
+    # k̃[u, w] = k_j exp(G_ref(u) - G_j) = k_j exp(G_end(w) - G_j) · exp(G_ref(u) - G_end(w)), both <= 1
+    # for w < u: the first factor per key, the second one number per (u, w, channel).
     k_to_last = ks * decays["to_last"].exp()
     earlier = torch.ones(S, S, dtype=torch.bool, device=qs.device).tril(-1)[:, :, None, None]
     between = decays["between"].masked_fill(~earlier, float("-inf")).to(dt)
     k_tilde = k_to_last.unsqueeze(-4) * between.exp()  # [..., S_a, S_b, L, K]
-    # One product per query sub-chunk a against all key sub-chunks b at once: [L, K] @ [K, S·L].
+    # One product per query sub-chunk u against all key sub-chunks w at once: [L, K] @ [K, S·L] (S = C / L).
     P = matmul(q_tilde, k_tilde.reshape(*lead, S, S * L, K).transpose(-1, -2), matmul_dtype)
     P = P.reshape(*lead, S, L, S, L)
     # Diagonal sub-chunks in float32, relative to their own first row so the exponents stay small.
@@ -122,7 +122,7 @@ def sub_chunk_scores(
             "guarded" — the whole chunk as one product where its decay span allows, else "split"
             (see :func:`guarded_scores`).
     Returns:
-        P [..., C, C] with P[i, j] = Σ_k q_ik k_jk exp(G_i - G_j) for j <= i, else 0; in q's dtype.
+        P [..., C, C] with P[i, j] = Σ_c q_ic k_jc exp(G_ic - G_jc) for j <= i, else 0; in q's dtype.
     """
     check_diagonal(diagonal)
     if diagonal == "guarded":
@@ -224,13 +224,13 @@ def guarded_scores(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The intra-chunk scores as ONE product per chunk where that is safe, else two-level (chapter 4).
 
-    For a chunk with cumulative log decay G (per channel) and any reference c (one number per channel):
+    For a chunk with cumulative log decay G (per channel) and any reference μ (one number per channel):
 
-        P[i, j] = Σ_k (q_ik exp(G_ik - c_k)) · (k_jk exp(c_k - G_jk))          for j <= i
+        P[i, j] = Σ_c (q_ic exp(G_ic - μ_c)) · (k_jc exp(μ_c - G_jc))          for j <= i
 
-    Each term equals q_ik k_jk exp(G_ik - G_jk) up to rounding *relative to that term*: no cancellation.
-    The only danger is the range of the factors. With c = the midpoint (G_first + G_last) / 2, every
-    exponent is within ±s/2, s = max_k (G_first,k - G_last,k) the chunk's decay span. The guard:
+    Each term equals q_ic k_jc exp(G_ic - G_jc) up to rounding *relative to that term*: no cancellation.
+    The only danger is the range of the factors. With μ = the midpoint (G_0 + G_{C-1}) / 2, every
+    exponent is within ±Δ/2, Δ = max_c (G_0,c - G_{C-1},c) the chunk's decay span. The guard:
 
     * float32 and bfloat16 (largest finite ≈ e^88.7, smallest normal ≈ e^-87.3): s <= 64, so factors
       lie in [e^-32, e^32]; with |q|, |k| <= 2^60 ≈ e^41.6 every operand stays finite, and any q, k
@@ -250,7 +250,7 @@ def guarded_scores(
         sub_chunk_size: L of the fallback, dividing C.
         matmul_dtype: dtype of the product's operands (None: q's dtype).
     Returns:
-        (P [..., C, C] with P[i, j] = Σ_k q_ik k_jk exp(G_i - G_j) for j <= i, else 0, in q's dtype;
+        (P [..., C, C] with P[i, j] = Σ_c q_ic k_jc exp(G_ic - G_jc) for j <= i, else 0, in q's dtype;
          fast [...] bool: True where the chunk took the single product, False where it fell back).
     """
     G = g.cumsum(-2, dtype=torch.float64)
@@ -276,7 +276,7 @@ def two_level_chunk_gla(
     Args:
         q, k: [B, T, H, K];  v: [B, T, H, V];  g: [B, T, H, K] log forget gates (<= 0).
         scale: multiplies q; default K ** -0.5.
-        initial_state: S_0 [B, H, K, V];  output_final_state: also return S_T.
+        initial_state: S_[0] [B, H, K, V];  output_final_state: also return S_[N], the final state.
         chunk_size: C, a power of two;  sub_chunk_size: L, a power of two <= C.
         matmul_dtype: dtype every matrix product's operands are rounded to (e.g. torch.bfloat16, as on
             tensor cores); accumulation, states and the diagonal sub-chunks stay float32.
@@ -287,7 +287,7 @@ def two_level_chunk_gla(
             and read-out reusing the same operands; chunks over the bound fall back to "split"; see
             :func:`guarded_scores`). All three are exact.
     Returns:
-        o [B, T, H, V] in q's dtype, and S_T [B, H, K, V] (float32, float64 for float64 inputs) or None.
+        o [B, T, H, V] in q's dtype, and S_[N] [B, H, K, V] (float32, float64 for float64 inputs) or None.
 
     Exact for every legal gate. Differentiable by autograd.
     """
@@ -312,11 +312,12 @@ def two_level_chunk_gla(
     S = C // L
     decays = sub_chunk_decays(gc, L)
     qs, ks = qc.reshape(*lead, S, L, K), kc.reshape(*lead, S, L, K)
-    # Chunk states: S_{n+1} = exp(γ) S_n + (K ⊙ Γ)^T V with Γ_j = exp(G_e(s) - G_j) · exp(γ - G_e(s)).
+    # Chunk states: S_[n+1] = exp(γ) S_[n] + (k ⊙ Γ)^T v with Γ_j = exp(G_e(w) - G_j) · exp(γ - G_e(w)),
+    # G_e(w) the last row of j's sub-chunk w.
     k_decayed = ks * decays["to_last"].exp() * decays["to_chunk_end"].to(dt).exp().unsqueeze(-2)
     updates = matmul(k_decayed.reshape(*lead, C, K).transpose(-1, -2), vc, matmul_dtype)
     states, final = pass_states(updates, decays["gamma"].to(dt).exp(), S0)
-    # Inter-chunk output: (Q ⊙ Λ) S_n with Λ_i = exp(G_i) = exp(G before the sub-chunk + g_first) · exp(from_first).
+    # Inter-chunk output: (q ⊙ Λ) S_[n] with Λ_i = exp(G_i) = exp(G before the sub-chunk + g_first) · exp(from_first).
     ref = decays["from_chunk_start"] + gc.reshape(*lead, S, L, K)[..., 0, :].double()
     q_decayed = qs * decays["from_first"].exp() * ref.to(dt).exp().unsqueeze(-2)
     o_inter = matmul(q_decayed.reshape(*lead, C, K), states, matmul_dtype)
@@ -326,13 +327,13 @@ def two_level_chunk_gla(
 
 
 def _guarded_chunks(qc, kc, vc, gc, S0, sub_chunk_size, matmul_dtype, scale):
-    """Chunk outputs [B, H, N, C, V] and S_T of two_level_chunk_gla(diagonal="guarded")."""
+    """Chunk outputs [B, H, N, C, V] and S_[N] of two_level_chunk_gla(diagonal="guarded")."""
     dt = qc.dtype
     G = chunk_local_cumsum(gc)  # float64
     parts = _guarded_product(qc, kc, gc, G, sub_chunk_size, matmul_dtype)
     gamma, mid = G[..., -1:, :], parts["mid"]
-    # The inter-chunk factors from the same operands: exp(G_i) = exp(G_i - c) exp(c) and
-    # exp(γ - G_j) = exp(c - G_j) exp(γ - c), with exp(c) <= 1 and exp(γ - c) = exp(-s_k / 2) <= 1.
+    # The inter-chunk factors from the same operands: exp(G_i) = exp(G_i - μ) exp(μ) and
+    # exp(γ - G_j) = exp(μ - G_j) exp(γ - μ), with exp(μ) <= 1 and exp(γ - μ) <= 1.
     q_decayed = parts["q_tilde"] * mid.exp().to(dt)
     k_decayed = parts["k_tilde"] * (gamma - mid).exp().to(dt)
     if not bool(parts["fast"].all()):  # chunks over the bound: their factors directly, as in chapter 3
@@ -346,7 +347,7 @@ def _guarded_chunks(qc, kc, vc, gc, S0, sub_chunk_size, matmul_dtype, scale):
     states, final = pass_states(updates, gamma.squeeze(-2).exp().to(dt), S0)
     if matmul_dtype not in (None, dt):
         return scale * (matmul(q_decayed, states, matmul_dtype) + matmul(parts["P"], vc, matmul_dtype)), final
-    # o = scale (Q ⊙ Λ) S_n + scale P V: one batched product added onto the other, scaled inside BLAS.
+    # o = scale (q ⊙ Λ) S_[n] + scale P v: one batched product added onto the other, scaled inside BLAS.
     *lead, C, K = qc.shape
     V = vc.shape[-1]
     intra = parts["P"].reshape(-1, C, C) @ vc.reshape(-1, C, V)
