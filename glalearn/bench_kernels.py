@@ -156,6 +156,116 @@ def forward_floor_ms(B, T, H, K, V, bandwidth_gbs, elem_bytes=2) -> float:
     return nbytes / (bandwidth_gbs * 1e9) * 1e3
 
 
+def kernel_costs(B, T, H, K, V, C=64, e=2, g_bytes=None, config=None, initial_state=False,
+                 final_state_grad=False) -> dict:
+    """Bytes each launch of flash_gla must move and the FLOPs it computes, under ``config`` (default
+    ``flash.CONFIG``), for inputs of e bytes per number (g_bytes for g; default e), one call.
+
+    Bytes are DRAM traffic with each tensor a launch touches counted once: programs that need the same
+    tile (the V blocks of one chunk, the chunks of one segment reading its carried state) run side by
+    side and share it through L2.
+    FLOPs count every product at the tiles' full size (2 per multiply-add), the gate scans as products
+    with a triangle of ones (1 piece for bf16 gates, 3 otherwise), and leave out elementwise work.
+
+    Returns {"forward": {launch: {"bytes", "flops"}}, "backward": {...}, "forward_bytes",
+    "backward_bytes", "forward_flops", "backward_flops", "forward_floor_bytes", "backward_floor_bytes",
+    "design": {"forward": "segmented" | "sequential", "backward": ...}}. The floors: what any
+    implementation must move — forward: read q, k, v, g, write o; backward: read q, k, v, g, dO,
+    write dq, dk, dv, dg (and S_0, its gradient and the final state's gradient where they exist).
+    """
+    from glalearn import flash
+
+    cfg = dict(flash.CONFIG if config is None else config)
+    eg = e if g_bytes is None else g_bytes
+    b = flash.launch_blocks(K, V, cfg)
+    N = -(-T // C)
+    tok = B * T * H  # (token, head) pairs
+    states = B * H * N * K * V  # numbers in N chunk states
+    small = B * H * N * K  # one K-vector per chunk (Λ_n, Λ'_n)
+    pieces = 1 if eg == 2 else 3  # bf16 pieces of the gate scan products
+    eh = 2 if (e == 2 and cfg["bf16_states"]) else 4  # bytes per number of the segment-local states
+    kv_state = 4 * B * H * K * V  # one float32 state per head (S_0, S_T, their gradients)
+    sbk, sbv = b["segment_bk"], b["segment_bv"]
+    nvb_s = -(-V // sbv)
+    SEG = flash.segment_length(B, H, K, V, N, sbk, sbv, cfg)
+    NSEG = -(-N // SEG)
+    seg_states = 4 * B * H * NSEG * K * V  # float32 states, one per segment
+    nvb = -(-V // b["BV"])
+    chunks = B * H * N
+
+    def cost(nbytes, flops):
+        return {"bytes": int(nbytes), "flops": int(flops)}
+
+    def segment_pass():
+        return {
+            "segment_state_kernel": cost(
+                tok * ((e + eg) * K + e * V) + eh * states + 4 * small + seg_states + 4 * B * H * NSEG * K,
+                chunks * (2 * C * K * V + nvb_s * 2 * C * C * K * pieces)),
+            "segment_combine_kernel": cost(2 * seg_states + 4 * B * H * NSEG * K + (kv_state if initial_state else 0),
+                                           0),
+        }
+
+    fwd, bwd = {}, {}
+    segmented_forward = bool(cfg["segment_programs"])
+    if segmented_forward:
+        fwd.update(segment_pass())
+        fwd["chunk_output_kernel"] = cost(  # both launches (the flagged one reads the flags: 4 B a chunk)
+            tok * ((2 * e + eg) * K + 2 * e * V) + eh * states + 4 * small + seg_states + 8 * chunks,
+            chunks * (nvb * (2 * C * C * K * (1 + pieces)) + 2 * C * K * V + 2 * C * C * V))
+    else:
+        fwd["chunk_cumsum_kernel"] = cost(tok * K * (eg + 4), 0)
+        fwd["chunk_state_kernel"] = cost(tok * ((e + 4) * K + e * V) + 4 * B * H * (N + 1) * K * V
+                                         + (kv_state if initial_state else 0), chunks * 2 * C * K * V)
+        fwd["chunk_output_kernel"] = cost(tok * ((2 * e + 4) * K + 2 * e * V) + 4 * states,
+                                          chunks * (nvb * 2 * C * C * K + 2 * C * K * V + 2 * C * C * V))
+    if cfg["bwd_segmented"]:
+        bwd.update(segment_pass())
+        bwd["segment_dstate_kernel"] = cost(
+            tok * ((e + eg) * K + e * V) + eh * states + 4 * small + seg_states,
+            chunks * (2 * C * K * V + nvb_s * 2 * C * C * K * pieces))
+        bwd["segment_combine_kernel (reverse)"] = cost(
+            2 * seg_states + 4 * B * H * NSEG * K + (kv_state if final_state_grad else 0)
+            + (kv_state if initial_state else 0), 0)
+        NK = -(-K // b["DBK"])
+        fuse = b["fuse_dv"]
+        dg_scan = 2 * 2 * C * C * K * 3 if cfg["bwd_dg_scan"] != "cumsum" else 0
+        flops = chunks * (NK * 2 * C * C * V + 4 * C * V * K + 4 * C * C * K + 2 * C * C * K * pieces + dg_scan)
+        nbytes = (tok * ((2 * e + eg) * K + 2 * e * V) + 2 * eh * states + 8 * small + 2 * seg_states
+                  + tok * (2 * e + eg) * K + 8 * chunks * NK)
+        if fuse:
+            flops += chunks * (2 * C * C * K + 2 * C * K * V + 2 * C * C * V)
+            nbytes += tok * e * V
+        bwd["chunk_bwd_kernel"] = cost(nbytes, flops)  # both launches (fast and flagged)
+        if not fuse:
+            bwd["chunk_bwd_dv_kernel"] = cost(
+                tok * ((2 * e + eg) * K + 2 * e * V) + eh * states + 4 * small + seg_states + 8 * chunks,
+                chunks * (nvb * 2 * C * C * K * (1 + pieces) + 2 * C * K * V + 2 * C * C * V))
+    else:
+        kb = -(-K // b["DBK"])
+        bwd["chunk_cumsum_kernel"] = cost(tok * K * (eg + 4), 0)
+        bwd["chunk_state_kernel"] = cost(tok * ((e + 4) * K + e * V) + 4 * B * H * (N + 1) * K * V
+                                         + (kv_state if initial_state else 0), chunks * 2 * C * K * V)
+        bwd["chunk_state_backward_kernel"] = cost(tok * ((e + 4) * K + e * V) + 4 * states
+                                                  + (kv_state if final_state_grad else 0)
+                                                  + (kv_state if initial_state else 0), chunks * 2 * C * K * V)
+        bwd["chunk_dv_kernel"] = cost(tok * ((2 * e + 4) * K + 2 * e * V) + 4 * states,
+                                      chunks * (nvb * 2 * C * C * K + 2 * C * K * V + 2 * C * C * V))
+        bwd["chunk_dqkg_kernel"] = cost(tok * ((2 * e + 4) * K + 2 * e * V + (2 * e + eg) * K) + 8 * states,
+                                        chunks * (kb * 2 * C * C * V + 4 * C * V * K + 4 * C * C * K))
+    fwd_floor = tok * ((2 * e + eg) * K + 2 * e * V) + (kv_state if initial_state else 0)
+    bwd_floor = (tok * ((2 * e + eg) * K + 2 * e * V) + tok * ((2 * e + eg) * K + e * V)
+                 + (2 * kv_state if initial_state else 0) + (kv_state if final_state_grad else 0))
+    return {"forward": fwd, "backward": bwd,
+            "forward_bytes": sum(c["bytes"] for c in fwd.values()),
+            "backward_bytes": sum(c["bytes"] for c in bwd.values()),
+            "forward_flops": sum(c["flops"] for c in fwd.values()),
+            "backward_flops": sum(c["flops"] for c in bwd.values()),
+            "forward_floor_bytes": fwd_floor, "backward_floor_bytes": bwd_floor,
+            "design": {"forward": "segmented" if segmented_forward else "sequential",
+                       "backward": "segmented" if cfg["bwd_segmented"] else "sequential"},
+            "segment_chunks": SEG, "segments_per_head": NSEG}
+
+
 def kernel_resources() -> dict:
     """Registers, spills and shared memory of every compiled flash_gla kernel (after a run)."""
     from glalearn import flash
