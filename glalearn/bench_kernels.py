@@ -7,9 +7,15 @@ Times, with `triton.testing.do_bench` medians on bf16 inputs, forward and forwar
 for two configurations, as in the paper's Fig. 2:
   P1: H = 16, K = V = 64, 65,536 tokens per batch (B = 65536 / T);
   P2: H = 16, K = V = 128, 16,384 tokens per batch (B = 16384 / T);
-T in {512, 1024, 2048, 4096, 8192, 16384}. Also: peak memory of each call, the device-to-device copy
-bandwidth, the memory-traffic floor of the forward, and each kernel's registers/spills/shared memory.
+T in {512, 1024, 2048, 4096, 8192, 16384}. Also: the backward alone, peak memory of each call, the
+device-to-device copy bandwidth, the bytes and FLOPs of every launch of flash_gla (``kernel_costs``) with
+the memory-traffic floors of forward and backward at that bandwidth, the per-kernel profile of one
+forward+backward at the longest T, and each kernel's registers/spills/shared memory.
 Writes a JSON file (with the command, GPU, versions and date) and a PNG plot beside it.
+
+``--layout-check`` instead allocates the inputs of several shapes before the first launch (the layout of
+a script that once faulted) and runs forward and backward of each, checking that every result is finite
+and repeatable: run it under ``compute-sanitizer --tool memcheck`` (kernels/NOTES.md).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import argparse
 import json
 import platform
 import sys
+import time
 from datetime import datetime, timezone
 
 import torch
@@ -52,13 +59,13 @@ def copy_bandwidth_gbs(nbytes: int = 2**30) -> float:
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
-def gla_inputs(B, T, H, K, V, seed=0, dtype=torch.bfloat16):
+def gla_inputs(B, T, H, K, V, seed=0, dtype=torch.bfloat16, device="cuda"):
     """Random bf16 inputs (paper's gate: g = logsigmoid(randn) / 16) on the GPU."""
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    q = torch.randn(B, T, H, K, device="cuda", dtype=dtype, generator=gen)
-    k = torch.randn(B, T, H, K, device="cuda", dtype=dtype, generator=gen)
-    v = torch.randn(B, T, H, V, device="cuda", dtype=dtype, generator=gen)
-    g = (torch.nn.functional.logsigmoid(torch.randn(B, T, H, K, device="cuda", generator=gen)) / 16).to(dtype)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(B, T, H, K, device=device, dtype=dtype, generator=gen)
+    k = torch.randn(B, T, H, K, device=device, dtype=dtype, generator=gen)
+    v = torch.randn(B, T, H, V, device=device, dtype=dtype, generator=gen)
+    g = (torch.nn.functional.logsigmoid(torch.randn(B, T, H, K, device=device, generator=gen)) / 16).to(dtype)
     return q, k, v, g
 
 
@@ -115,7 +122,14 @@ def time_method(name, fn, B, T, H, K, V, seed=0) -> dict:
         mem_f = _peak_mb(fwd)
     ms_fb = _median_ms(fwd_bwd)
     mem_fb = _peak_mb(fwd_bwd)
-    return {"forward_ms": ms_f, "forward_backward_ms": ms_fb, "forward_peak_mb": mem_f,
+    leaves = [x for x in grads if x is not None]
+    o = fn(*grads)  # the backward alone: one graph, its gradients taken again and again
+    try:
+        ms_b = _median_ms(lambda: torch.autograd.grad(o, leaves, do, retain_graph=True))
+    except RuntimeError as exc:  # a method whose graph cannot be run twice: fwd+bwd - fwd instead
+        print(f"{name}: backward alone not timed ({exc}); using forward+backward - forward", file=sys.stderr)
+        ms_b = ms_fb - ms_f
+    return {"forward_ms": ms_f, "forward_backward_ms": ms_fb, "backward_ms": ms_b, "forward_peak_mb": mem_f,
             "forward_backward_peak_mb": mem_fb}
 
 
@@ -239,7 +253,7 @@ def kernel_costs(B, T, H, K, V, C=64, e=2, g_bytes=None, config=None, initial_st
         if not fuse:
             bwd["chunk_bwd_dv_kernel"] = cost(
                 tok * ((2 * e + eg) * K + 2 * e * V) + eh * states + 4 * small + seg_states + 8 * chunks,
-                chunks * (nvb * 2 * C * C * K * (1 + pieces) + 2 * C * K * V + 2 * C * C * V))
+                chunks * (-(-V // b["DVBV"]) * 2 * C * C * K * (1 + pieces) + 2 * C * K * V + 2 * C * C * V))
     else:
         kb = -(-K // b["DBK"])
         bwd["chunk_cumsum_kernel"] = cost(tok * K * (eg + 4), 0)
@@ -264,6 +278,132 @@ def kernel_costs(B, T, H, K, V, C=64, e=2, g_bytes=None, config=None, initial_st
             "design": {"forward": "segmented" if segmented_forward else "sequential",
                        "backward": "segmented" if cfg["bwd_segmented"] else "sequential"},
             "segment_chunks": SEG, "segments_per_head": NSEG}
+
+
+LAYOUT_SHAPES = {
+    # (name, B, T, H, K, V, initial state, g = -30 on the first half): the three shapes of the script
+    # that faulted, allocated together (kernels/NOTES.md), and the long strong-gate shapes of the GPU tests.
+    "benchmark": [("P1 T=16384", 4, 16384, 16, 64, 64, False, False), ("P1 T=4096", 16, 4096, 16, 64, 64, False, False),
+                  ("P2 T=16384", 1, 16384, 16, 128, 128, False, False)],
+    "long": [("T=65536 K=V=60", 1, 65536, 2, 60, 60, True, True), ("T=65536 K=V=100", 1, 65536, 2, 100, 100, False, True)],
+}
+
+
+def layout_check(shapes="benchmark", repeats=2, materialize=(True, False), device="cuda", log=print) -> list[dict]:
+    """Allocate the bf16 inputs (and output gradients) of every shape first, then run forward and backward
+    of each (the final state in the loss too), ``repeats`` times per strategy, synchronizing after each.
+    shapes: a key of LAYOUT_SHAPES, "all", or a list of such tuples. Returns one dict per (shape,
+    strategy): finite (every output and gradient) and repeatable (bitwise equal across the repeats).
+    Under compute-sanitizer, run with PYTORCH_NO_CUDA_MEMORY_CACHING=1 so that every tensor is its own
+    allocation and a read past its end is reported."""
+    from glalearn import flash_gla
+
+    if isinstance(shapes, str):
+        shapes = [s for key in (LAYOUT_SHAPES if shapes == "all" else [shapes]) for s in LAYOUT_SHAPES[key]]
+
+    def sync():
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+
+    cases = []
+    for i, (name, B, T, H, K, V, h0, strong) in enumerate(shapes):  # every allocation before any launch
+        q, k, v, g = gla_inputs(B, T, H, K, V, seed=i, device=device)
+        if strong:
+            g[:, : T // 2] = -30.0
+        leaves = [x.requires_grad_() for x in (q, k, v, g)]
+        if h0:
+            leaves.append(torch.randn(B, H, K, V, device=device).requires_grad_())
+        do = torch.randn_like(v)
+        ds = torch.randn(B, H, K, V, device=device)
+        cases.append((name, leaves, do, ds))
+    sync()
+    results = []
+    for name, leaves, do, ds in cases:
+        for mat in materialize:
+            runs = []
+            for _ in range(repeats):
+                for x in leaves:
+                    x.grad = None
+                o, s = flash_gla(*leaves[:4], initial_state=leaves[4] if len(leaves) > 4 else None,
+                                 output_final_state=True, materialize=mat)
+                torch.autograd.backward([o, s], [do, ds])
+                sync()
+                runs.append([o.detach(), s.detach()] + [x.grad for x in leaves])
+            finite = all(bool(torch.isfinite(t).all()) for t in runs[0])
+            repeatable = all(torch.equal(a, b) for run in runs[1:] for a, b in zip(runs[0], run))
+            results.append({"shape": name, "materialize": mat, "finite": finite, "repeatable": repeatable})
+            log(f"layout check {name} materialize={mat}: finite {finite}, repeatable {repeatable}")
+            del runs
+    return results
+
+
+SWEEP_CASES = (("P1", 16384), ("P1", 1024), ("P2", 16384), ("P2", 1024))
+
+
+def sweep(variants, cases=SWEEP_CASES, log=print) -> list[dict]:
+    """Launch choices tried in one process: for each variant (a dict merged into flash.CONFIG), the
+    materialized forward and the backward alone (do_bench medians) at every (profile, T) of ``cases``,
+    the kernels' registers and spills, and the gradients' relative RMSE against float64 on a small
+    mixed-gate input (so a fast but wrong variant shows). A variant that fails is recorded with its
+    error and the sweep goes on. CONFIG is restored afterwards."""
+    from glalearn import chunk_gla, flash, flash_gla
+    from glalearn.numerics import random_gla_inputs, relative_rmse
+
+    saved = dict(flash.CONFIG)
+    checks = []
+    for K in (64, 128):  # the references, once: float64 chunk form on the bf16-rounded inputs
+        x = random_gla_inputs(B=2, T=1000, H=2, K=K, V=K, seed=K, initial_state=True, device="cuda")
+        for n in "qkvg":
+            x[n] = x[n].to(torch.bfloat16)
+        x["g"][:, 300:420] = -30.0
+        x["g"][:, 600:700, :, :3] = -2.0
+        x64 = {n: t.double().requires_grad_() for n, t in x.items()}
+        o_ref, s_ref = chunk_gla(**x64, output_final_state=True)
+        do, ds = torch.randn_like(o_ref), torch.randn_like(s_ref)
+        ((o_ref * do).sum() + (s_ref * ds).sum()).backward()
+        checks.append((x, do, ds, {n: t.grad for n, t in x64.items()}))
+    out = []
+    try:
+        for variant in variants:
+            flash.CONFIG.clear()
+            flash.CONFIG.update(saved, **variant)
+            flash.LAST_COMPILED.clear()
+            rec = {"variant": variant}
+            try:
+                errs = {}
+                for x, do, ds, ref in checks:
+                    leaves = {n: t.detach().clone().requires_grad_() for n, t in x.items()}
+                    o, s = flash_gla(**leaves, output_final_state=True)
+                    ((o.double() * do).sum() + (s.double() * ds).sum()).backward()
+                    K = x["q"].shape[-1]
+                    errs.update({f"K={K} d{n}": relative_rmse(t.grad, ref[n]) for n, t in leaves.items()})
+                rec["grad_errors"] = errs
+                for pname, T in cases:
+                    p = PROFILES[pname]
+                    B, H, K, V = p["tokens"] // T, p["H"], p["K"], p["V"]
+                    args = [t.requires_grad_() for t in gla_inputs(B, T, H, K, V)]
+                    with torch.no_grad():
+                        fwd = _median_ms(lambda args=args: flash_gla(*args)[0])
+                    o = flash_gla(*args)[0]
+                    do = torch.randn_like(o)
+                    bwd = _median_ms(lambda o=o, args=args, do=do: torch.autograd.grad(o, args, do, retain_graph=True))
+                    c = kernel_costs(B, T, H, K, V)
+                    rec[f"{pname} T={T}"] = {"forward_ms": fwd, "backward_ms": bwd,
+                                             "backward_bytes": c["backward_bytes"]}
+                    del o, args
+                rec["kernels"] = kernel_resources()
+                log(f"{variant}: " + "  ".join(f"{k} fwd {v['forward_ms']:.3f} bwd {v['backward_ms']:.3f}"
+                                               for k, v in rec.items() if k.startswith("P"))
+                    + f"  worst grad error {max(errs.values()):.1e}")
+            except Exception as exc:  # noqa: BLE001 - a broken variant is a result, not the end of the sweep
+                rec["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+                log(f"{variant}: FAILED {rec['error'][:300]}")
+            out.append(rec)
+            torch.cuda.empty_cache()
+    finally:
+        flash.CONFIG.clear()
+        flash.CONFIG.update(saved)
+    return out
 
 
 def kernel_resources() -> dict:
@@ -300,9 +440,10 @@ def run(profiles, lengths, include_fla=True, only=None, log=print, profile_kerne
     partial results: a long run that is cut off keeps what it measured)."""
     from glalearn import flash
 
+    started = time.perf_counter()
     bandwidth = copy_bandwidth_gbs()
     log(f"copy bandwidth {bandwidth:.0f} GB/s (read + write)")
-    rows = []
+    rows, costs = [], {}
     meths = methods(include_fla)
     if only:
         meths = {n: f for n, f in meths.items() if any(n.startswith(o) for o in only)}
@@ -312,13 +453,29 @@ def run(profiles, lengths, include_fla=True, only=None, log=print, profile_kerne
         for T in lengths:
             B = p["tokens"] // T
             floor = forward_floor_ms(B, T, H, K, V, bandwidth)
+            c = kernel_costs(B, T, H, K, V)
+            costs[f"{pname} T={T}"] = c
+            bwd_floor = c["backward_floor_bytes"] / (bandwidth * 1e9) * 1e3
             for name, fn in meths.items():
-                r = time_method(name, fn, B, T, H, K, V)
-                rows.append({"profile": pname, "T": T, "B": B, "H": H, "K": K, "V": V, "method": name,
-                             "forward_floor_ms": floor, **r})
+                try:
+                    r = time_method(name, fn, B, T, H, K, V)
+                except Exception as exc:  # noqa: BLE001 - record it, time the other methods
+                    log(f"{pname} T={T:>5} {name}: FAILED {type(exc).__name__}: {str(exc)[:500]}")
+                    rows.append({"profile": pname, "T": T, "B": B, "H": H, "K": K, "V": V, "method": name,
+                                 "error": f"{type(exc).__name__}: {exc}"[:2000]})
+                    if on_row is not None:
+                        on_row(rows)
+                    continue
+                row = {"profile": pname, "T": T, "B": B, "H": H, "K": K, "V": V, "method": name,
+                       "forward_floor_ms": floor, "backward_floor_ms": bwd_floor, **r}
+                if name == "flash_gla (materialized)":
+                    row.update(forward_bytes=c["forward_bytes"], backward_bytes=c["backward_bytes"])
+                row["elapsed_s"] = time.perf_counter() - started
+                rows.append(row)
                 log(f"{pname} T={T:>5} B={B:>3} {name:<30} fwd {r['forward_ms']:7.3f} ms  fwd+bwd "
-                    f"{r['forward_backward_ms']:7.3f} ms  peak {r['forward_backward_peak_mb']:8.0f} MB  "
-                    f"(floor {floor:.3f} ms)")
+                    f"{r['forward_backward_ms']:7.3f} ms  bwd {r['backward_ms']:7.3f} ms  peak "
+                    f"{r['forward_backward_peak_mb']:8.0f} MB  (floors {floor:.3f} / {bwd_floor:.3f} ms; "
+                    f"{row['elapsed_s']:.0f} s)")
                 if on_row is not None:
                     on_row(rows)
             torch.cuda.empty_cache()
@@ -328,18 +485,23 @@ def run(profiles, lengths, include_fla=True, only=None, log=print, profile_kerne
             p = PROFILES[pname]
             T = max(lengths)
             for name, fn in meths.items():
-                bd = kernel_breakdown(name, fn, p["tokens"] // T, T, p["H"], p["K"], p["V"])
+                try:
+                    bd = kernel_breakdown(name, fn, p["tokens"] // T, T, p["H"], p["K"], p["V"])
+                except Exception as exc:  # noqa: BLE001 - as in the timed rows
+                    log(f"kernels of {pname} T={T} {name}: FAILED {type(exc).__name__}: {str(exc)[:500]}")
+                    continue
                 breakdown[f"{pname} T={T} {name}"] = bd
                 log(f"kernels of {pname} T={T} {name} (forward+backward): "
                     + "; ".join(f"{k} x{c:g} {ms:.3f} ms" for k, (c, ms) in bd.items()))
     return {"copy_bandwidth_gbs": bandwidth, "rows": rows, "config": dict(flash.CONFIG),
-            "kernels": kernel_resources(), "kernel_breakdown_fwd_bwd": breakdown}
+            "kernels": kernel_resources(), "kernel_breakdown_fwd_bwd": breakdown, "costs": costs,
+            "elapsed_s": time.perf_counter() - started}
 
 
 def summary(rows) -> list[str]:
     """Ratios to fla and FlashAttention-2, per profile and T."""
     lines = []
-    key = {(r["profile"], r["T"], r["method"]): r for r in rows}
+    key = {(r["profile"], r["T"], r["method"]): r for r in rows if "error" not in r}
     for (pname, T, method), r in key.items():
         if method != "flash_gla (materialized)":
             continue
@@ -352,6 +514,8 @@ def summary(rows) -> list[str]:
         if fa:
             parts.append(f"vs FA2 fwd+bwd x{r['forward_backward_ms'] / fa['forward_backward_ms']:.2f}")
         parts.append(f"fwd / floor x{r['forward_ms'] / r['forward_floor_ms']:.2f}")
+        if "backward_ms" in r and "backward_floor_ms" in r:
+            parts.append(f"bwd {r['backward_ms']:.3f} ms = x{r['backward_ms'] / r['backward_floor_ms']:.2f} its floor")
         lines.append("  ".join(parts))
     return lines
 
@@ -363,7 +527,7 @@ def plot(result: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = result["rows"]
+    rows = [r for r in result["rows"] if "error" not in r]
     profiles = sorted({r["profile"] for r in rows})
     fig, axes = plt.subplots(len(profiles), 2, figsize=(10, 3.6 * len(profiles)), squeeze=False)
     for i, pname in enumerate(profiles):
@@ -403,6 +567,12 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="+", help="time only methods whose name starts with one of these (flash_gla, fla, Flash)")
     parser.add_argument("--config", type=json.loads, default=None,
                         help='override flash_gla launch settings, e.g. \'{"warps": 4}\'')
+    parser.add_argument("--sweep", type=json.loads, default=None, metavar="JSON",
+                        help='instead of the benchmark: time these CONFIG variants, e.g. \'[{}, {"bwd_bv": 64}]\' '
+                             "(forward and backward alone at P1/P2 T=16384 and 1024, registers, gradient errors)")
+    parser.add_argument("--layout-check", nargs="?", const="benchmark", choices=[*LAYOUT_SHAPES, "all"],
+                        help="instead of timing: allocate these shapes' inputs first, then forward and backward "
+                             "of each (finite and repeatable?); exit 1 otherwise. Run it under compute-sanitizer")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("the kernel benchmark needs a CUDA GPU (chapter 7 reads the committed results instead)")
@@ -411,6 +581,25 @@ def main(argv=None) -> int:
 
     if args.config:
         flash.CONFIG.update(args.config)
+    if args.sweep is not None:
+        if not isinstance(args.sweep, list) or not all(isinstance(v, dict) for v in args.sweep):
+            parser.error(f"--sweep must be a JSON list of objects (CONFIG variants), got {args.sweep!r}")
+        unknown = sorted({k for v in args.sweep for k in v} - set(flash.CONFIG))
+        if unknown:
+            parser.error(f"--sweep names CONFIG keys that do not exist: {unknown} (known: {sorted(flash.CONFIG)})")
+        results = sweep(args.sweep)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"sweep": results, "config": dict(flash.CONFIG), "machine": machine(),
+                           "command": "python -m glalearn.bench kernels " + " ".join(argv if argv is not None else sys.argv[1:])},
+                          f, indent=1)
+        return 0
+    if args.layout_check:
+        results = layout_check(args.layout_check)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"layout_check": results, "config": dict(flash.CONFIG)}, f, indent=1)
+        return 0 if all(r["finite"] and r["repeatable"] for r in results) else 1
     command = "python -m glalearn.bench kernels " + " ".join(argv if argv is not None else sys.argv[1:])
 
     def save_partial(rows):

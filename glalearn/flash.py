@@ -58,11 +58,12 @@ from glalearn.forms._contract import check_power_of_two, empty_result, validate
 #   a launch for the flagged chunks; flag_block flags per program of it) or "inline" (both paths in one
 #   kernel); output_maxnreg: register cap of the product-only kernel for blocks up to 64 wide.
 #   bwd_segmented: the segmented backward (False: the earlier sequential one). bwd_fuse_dv: dv inside
-#   chunk_bwd_kernel when one dqk_bk block holds the whole key width (else chunk_bwd_dv_kernel with bk x bv
-#   blocks); bwd_bv: the V block chunk_bwd_kernel walks; bwd_stages: its pipelining depth; bwd_fallback:
-#   "defer" (product-only kernel, then a launch for the flagged chunks) or "inline"; bwd_maxnreg: register
-#   cap of the product-only kernels (None: none); bwd_dg_scan: the gate gradient's cumulative sums as
-#   products with triangles of ones ("product": exact, bf16x3 pieces on a GPU) or by tl.cumsum ("cumsum").
+#   chunk_bwd_kernel when one dqk_bk block holds the whole key width (else chunk_bwd_dv_kernel with
+#   bwd_dv_bk x bwd_dv_bv blocks); bwd_bv: the V block chunk_bwd_kernel walks; bwd_stages: its pipelining
+#   depth; bwd_fallback: "defer" (product-only kernels, then launches for the flagged chunks) or "inline";
+#   bwd_maxnreg: register cap of the product-only kernels (None: none); bwd_dg_scan: the gate gradient's
+#   cumulative sums by tl.cumsum ("cumsum") or as products with triangles of ones ("product": exact with
+#   bf16x3 pieces, but those products cost registers: 188 B of spills at P1 with sm_90 ptxas, vs 0).
 # Float32 inputs always get float32 products. Chapter 7 measures the choices; the benchmark tries
 # variants through this dict (or GLALEARN_FLASH_CONFIG='{"warps": 8}' in the environment).
 CONFIG = {"sub": 16, "bk": 128, "bv": 128, "dqk_bk": 64, "state_bk": 32, "state_bv": 32, "warps": 4, "wide_warps": 8,
@@ -71,8 +72,8 @@ CONFIG = {"sub": 16, "bk": 128, "bv": 128, "dqk_bk": 64, "state_bk": 32, "state_
           "state_stages": 3, "fused_warps": 8, "fused_stages": 3, "wide_head_block": 64, "fused_bv": None,
           "segment_programs": 256, "segment_bk": 64, "segment_bv": 64, "forward_cumsum": False, "bf16_states": True, "gate_scan": "product",
           "output_fallback": "defer", "output_maxnreg": 128, "flag_block": 16,
-          "bwd_segmented": True, "bwd_fuse_dv": True, "bwd_bv": 64, "bwd_stages": 2, "bwd_fallback": "defer",
-          "bwd_maxnreg": None, "bwd_dg_scan": "product"}
+          "bwd_segmented": True, "bwd_fuse_dv": True, "bwd_bv": 32, "bwd_dv_bk": 64, "bwd_dv_bv": 128,
+          "bwd_stages": 2, "bwd_fallback": "defer", "bwd_maxnreg": None, "bwd_dg_scan": "cumsum"}
 CONFIG.update(json.loads(os.environ.get("GLALEARN_FLASH_CONFIG", "{}")))
 # The last compiled kernel of each name (for its register / spill / shared-memory report on a GPU).
 LAST_COMPILED: dict = {}
@@ -131,7 +132,8 @@ def launch_blocks(K: int, V: int, config: dict | None = None) -> dict:
     DBK = min(c["dqk_bk"], kp)
     return {"BK": min(bk, kp), "BV": min(bv, vp), "SBK": min(c["state_bk"], kp), "SBV": min(c["state_bv"], vp),
             "segment_bk": min(c["segment_bk"], kp), "segment_bv": min(c["segment_bv"], vp), "DBK": DBK,
-            "BBV": min(c["bwd_bv"], vp), "fuse_dv": bool(c["bwd_fuse_dv"]) and -(-K // DBK) == 1}
+            "BBV": min(c["bwd_bv"], vp), "fuse_dv": bool(c["bwd_fuse_dv"]) and -(-K // DBK) == 1,
+            "DVBK": min(c["bwd_dv_bk"], kp), "DVBV": min(c["bwd_dv_bv"], vp)}
 
 
 def _config(K: int, V: int, dtype: torch.dtype):
@@ -355,7 +357,6 @@ def _segmented_backward(q, k, v, g, do, dht, scale, initial_state, C, L):
     V = v.shape[-1]
     N = -(-T // C)
     dev = q.device
-    BK, BV, _, _, _ = _config(K, V, q.dtype)
     state_precision = _precision(q.dtype, CONFIG["bwd_state_precision"])
     precision = _precision(q.dtype, CONFIG["bwd_precision"])
     intra = _precision(q.dtype, CONFIG["bwd_intra_precision"])
@@ -402,15 +403,16 @@ def _segmented_backward(q, k, v, g, do, dht, scale, initial_state, C, L):
     if not fuse:
         total_dv = B * H * N
         flags_dv = torch.empty(total_dv, dtype=torch.int32, device=dev) if fallback == "defer" else dv
-        dv_common = {"H": H, "K": K, "V": V, "C": C, "L": L, "BK": BK, "BV": BV,
+        DVBK, DVBV = blocks["DVBK"], blocks["DVBV"]
+        dv_common = {"H": H, "K": K, "V": V, "C": C, "L": L, "BK": DVBK, "BV": DVBV,
                      "SPAN_MAX": float(CONFIG["span_max"]), "PRECISION": precision, "SCAN": scan,
-                     "num_warps": _warps("bwd_warps", BK, BV), "num_stages": CONFIG["bwd_stages"]}
+                     "num_warps": _warps("bwd_warps", DVBK, DVBV), "num_stages": CONFIG["bwd_stages"]}
         dv_args = (q, k, g, do, dh, lamb, dhs, dv, flags_dv, scale, T, SEG)
-        LAST_COMPILED[f"chunk_bwd_dv_kernel ({fallback})"] = backward.chunk_bwd_dv_kernel[(-(-V // BV), N, B * H)](
+        LAST_COMPILED[f"chunk_bwd_dv_kernel ({fallback})"] = backward.chunk_bwd_dv_kernel[(-(-V // DVBV), N, B * H)](
             *dv_args, FALLBACK=fallback, **dv_common, **cap)
         if fallback == "defer":
             LAST_COMPILED["chunk_bwd_dv_kernel (flagged)"] = backward.chunk_bwd_dv_kernel[
-                (-(-total_dv // block), -(-V // BV))](*dv_args, FALLBACK="flagged", TOTAL=total_dv, FLAG_BLOCK=block,
+                (-(-total_dv // block), -(-V // DVBV))](*dv_args, FALLBACK="flagged", TOTAL=total_dv, FLAG_BLOCK=block,
                                                       **dv_common)
     return dq, dk, dv, dg, dh0
 

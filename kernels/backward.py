@@ -304,14 +304,20 @@ def chunk_grads(q, k, v, g, do, h, lam, hs, dh, lamb, dhs, dq, dk, dv, dg, flags
     if not EXACT:
         span = decay_span(G)
         ke = operand(k_n * tl.exp(-G), INTRA_PRECISION)  # <= |k| e^span: only where the span allows it
-    if FUSE_DV:  # scale · P_n, the intra-chunk scores (the whole key width is in this block)
+    if FUSE_DV:  # dV_n = (K_n ⊙ exp(γ_n - G_n)) dS_{n+1} + scale · P_n^T dO_n, first and on its own
         if EXACT:
             P = scale * chunk_scores(q_n, k_n, G, qe, C, L, BK, SPAN_MAX, PRECISION)
         else:
             P = mm(qe, tl.trans(ke), tl.zeros((C, C), dtype=tl.float32), PRECISION)
             P = tl.where(rows[:, None] >= rows[None, :], scale * P, 0.0)
-        P = operand(P, PRECISION)
+        P = operand(tl.trans(P), PRECISION)
         kd = operand(k_n * tl.exp(gamma[None, :] - G), PRECISION)  # K ⊙ exp(γ - G), <= |k|
+        for i_v in range(tl.cdiv(V, BV)):
+            rv = i_v * BV + tl.arange(0, BV)
+            dS = segment_states(dh, lamb, dhs, i_bh, i_n, rk, rv, N, SEG, K, V)
+            do_b = load_rows(do + off_v, row0, i_v * BV, T, V, H * V, C, BV)
+            dv_b = mm(P, do_b, mm(kd, dS, tl.zeros((C, BV), dtype=tl.float32), PRECISION), PRECISION)
+            store_tile(dv + off_v, dv_b, row0, i_v * BV, T, V, H * V, C, BV)
     qe_op = operand(qe, INTRA_PRECISION)
     dP = tl.zeros((C, C), dtype=tl.float32)
     acc_q = tl.zeros((C, BK), dtype=tl.float32)  # dO S_n^T (+ the intra part below)
@@ -327,25 +333,26 @@ def chunk_grads(q, k, v, g, do, h, lam, hs, dh, lamb, dhs, dq, dk, dv, dg, flags
         acc_q = mm(do_b, tl.trans(S), acc_q, PRECISION)
         acc_k = mm(v_b, tl.trans(dS), acc_k, PRECISION)
         through += tl.sum(S * dS, axis=1)
-        if FUSE_DV:  # dV_n = (K_n ⊙ exp(γ_n - G_n)) dS_{n+1} + scale · P_n^T dO_n
-            dv_b = mm(tl.trans(P), do_b, mm(kd, dS, tl.zeros((C, BV), dtype=tl.float32), PRECISION), PRECISION)
-            store_tile(dv + off_v, dv_b, row0, i_v * BV, T, V, H * V, C, BV)
     diag = scale * tl.sum(tl.where(rows[:, None] == rows[None, :], dP, 0.0), axis=1)[:, None]
-    e_G = tl.exp(G)
-    if EXACT:
-        dq_intra, dk_intra = chunk_score_grads(dP, q_n, k_n, G, qe, C, L, BK, SPAN_MAX, INTRA_PRECISION)
-        dq_n = scale * (acc_q * e_G + dq_intra)
-    else:
-        dP = tl.where(rows[:, None] > rows[None, :], dP, 0.0)
-        dq_n = scale * e_G * mm(dP, ke, acc_q, INTRA_PRECISION)
-        dk_intra = tl.exp(-G) * mm(tl.trans(dP), qe_op, tl.zeros((C, BK), dtype=tl.float32), INTRA_PRECISION)
-        tl.store(flags + (i_bh * N + i_n) * NK + i_k, (span > SPAN_MAX).to(tl.int32))
-    dk_carry = acc_k * tl.exp(gamma[None, :] - G)  # through the state leaving the chunk
+    # Stored one after the other (fewer tiles alive at once): dq, dk, then dg, the gate gradient grouped
+    # by the paths that cross each position (see the top of this file): the reverse cumsum of
+    # q ⊙ dq - k ⊙ dk_intra, the exclusive cumsum of k ⊙ dk_carry, and exp(γ) Σ_v S_n ⊙ dS_{n+1}.
     q_n = load_tile(q + off_k, row0, i_k * BK, T, K, H * K, C, BK)
     k_n = load_tile(k + off_k, row0, i_k * BK, T, K, H * K, C, BK)
-    # The gate gradient grouped by the paths that cross each position (see the top of this file):
-    # reverse cumsum of q ⊙ dq - k ⊙ dk_intra, exclusive cumsum of k ⊙ dk_carry, and exp(γ) Σ_v S ⊙ dS.
-    within = q_n * dq_n - scale * k_n * dk_intra
+    if EXACT:
+        dq_intra, dk_intra = chunk_score_grads(dP, q_n, k_n, G, qe, C, L, BK, SPAN_MAX, INTRA_PRECISION)
+        dq_n = scale * (acc_q * tl.exp(G) + dq_intra)
+    else:
+        dP = tl.where(rows[:, None] > rows[None, :], dP, 0.0)
+        dq_n = scale * tl.exp(G) * mm(dP, ke, acc_q, INTRA_PRECISION)
+        tl.store(flags + (i_bh * N + i_n) * NK + i_k, (span > SPAN_MAX).to(tl.int32))
+    store_tile(dq + off_k, dq_n + diag * k_n, row0, i_k * BK, T, K, H * K, C, BK)
+    within = q_n * dq_n
+    if not EXACT:
+        dk_intra = tl.exp(-G) * mm(tl.trans(dP), qe_op, tl.zeros((C, BK), dtype=tl.float32), INTRA_PRECISION)
+    within -= scale * k_n * dk_intra
+    dk_carry = acc_k * tl.exp(gamma[None, :] - G)  # through the state leaving the chunk
+    store_tile(dk + off_k, dk_carry + scale * dk_intra + diag * q_n, row0, i_k * BK, T, K, H * K, C, BK)
     k_carry = k_n * dk_carry
     if DG_SCAN == "cumsum":
         dg_n = tl.cumsum(within, axis=0, reverse=True) + (tl.cumsum(k_carry, axis=0) - k_carry)
@@ -353,8 +360,6 @@ def chunk_grads(q, k, v, g, do, h, lam, hs, dh, lamb, dhs, dq, dk, dv, dg, flags
         dg_n = triangle_sum(within, tl.zeros((C, BK), dtype=tl.float32), C, "reverse", DG_SCAN)
         dg_n = triangle_sum(k_carry, dg_n, C, "exclusive", DG_SCAN)
     dg_n += (tl.exp(gamma) * through)[None, :]
-    store_tile(dq + off_k, dq_n + diag * k_n, row0, i_k * BK, T, K, H * K, C, BK)
-    store_tile(dk + off_k, dk_carry + scale * dk_intra + diag * q_n, row0, i_k * BK, T, K, H * K, C, BK)
     store_tile(dg + off_k, dg_n, row0, i_k * BK, T, K, H * K, C, BK)
 
 

@@ -98,7 +98,7 @@ def cumsum_by_product(x, ROWS: tl.constexpr, SCAN: tl.constexpr):
     values, so one bf16 product is exact, sums in float32); "bf16x3" (x split into three bfloat16
     pieces, hi + mid + lo, which carry float32's 24 bits: three exact products).
     """
-    return triangle_sum(x, tl.zeros(x.shape, dtype=tl.float32), ROWS, "inclusive", SCAN)
+    return triangle_sum(x, tl.zeros_like(x), ROWS, "inclusive", SCAN)
 
 
 @triton.jit
@@ -282,8 +282,10 @@ def operand(x, PRECISION: tl.constexpr):
     """x kept as an operand of ``mm(..., PRECISION)``: in bfloat16 where the product rounds its operands
     to bfloat16 anyway (the same product, half the registers to hold it), else as it is."""
     if PRECISION == "bf16":
-        return x.to(tl.bfloat16)
-    return x
+        y = x.to(tl.bfloat16)
+    else:
+        y = x
+    return y
 
 
 @triton.jit

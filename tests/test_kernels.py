@@ -279,7 +279,7 @@ def test_segmented_backward(flash_config, programs, seg, dqk_bk):
     assert ("chunk_bwd_dv_kernel (defer)" in flash.LAST_COMPILED) == (dqk_bk == 32)
 
 
-@pytest.mark.parametrize("variant", [{}, {"dqk_bk": 16}, {"bwd_fallback": "inline"}, {"bwd_dg_scan": "cumsum"},
+@pytest.mark.parametrize("variant", [{}, {"dqk_bk": 16}, {"bwd_fallback": "inline"}, {"bwd_dg_scan": "product"},
                                      {"bwd_segmented": False}])
 def test_backward_on_mixed_gates(flash_config, variant):
     """Chunks of mild gates, of g = -30 (span far past SPAN_MAX: the flagged launch redoes them exactly)
@@ -340,3 +340,15 @@ def test_grid_limits_get_a_clear_error():
     x = random_gla_inputs(B=65536, T=1, H=1, K=16, V=16, seed=5)
     with pytest.raises(ValueError, match="B \\* H = 65536"):
         flash_gla(**x)
+
+
+def test_layout_check_runs_every_strategy():
+    """The layout check of glalearn.bench_kernels (run on a GPU under compute-sanitizer) on a tiny shape
+    here: inputs allocated first, forward and backward of both strategies, finite and repeatable."""
+    from glalearn.bench_kernels import layout_check
+
+    shapes = [("tiny", 1, 130, 2, 20, 16, True, True), ("tiny, no S_0", 2, 70, 1, 16, 20, False, False)]
+    results = layout_check(shapes, repeats=2, device="cpu", log=lambda *_: None)
+    assert [(r["shape"], r["materialize"]) for r in results] == [
+        ("tiny", True), ("tiny", False), ("tiny, no S_0", True), ("tiny, no S_0", False)]
+    assert all(r["finite"] and r["repeatable"] for r in results)
