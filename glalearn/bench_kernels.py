@@ -36,9 +36,13 @@ PROFILES = {
 LENGTHS = [512, 1024, 2048, 4096, 8192, 16384]
 
 
-def _median_ms(fn, warmup=10, rep=50) -> float:
+TIMING = {"rep_ms": 50}  # do_bench's repetition time per measurement (--rep-ms)
+
+
+def _median_ms(fn, warmup=10, rep=None) -> float:
     import triton.testing
 
+    rep = TIMING["rep_ms"] if rep is None else rep
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
@@ -102,7 +106,7 @@ def _args_for(name, B, T, H, K, V, seed):
     return [q, k, v, g]
 
 
-def time_method(name, fn, B, T, H, K, V, seed=0) -> dict:
+def time_method(name, fn, B, T, H, K, V, seed=0, time_backward=True) -> dict:
     args = _args_for(name, B, T, H, K, V, seed)
     def fwd():
         return fn(*args)
@@ -122,15 +126,16 @@ def time_method(name, fn, B, T, H, K, V, seed=0) -> dict:
         mem_f = _peak_mb(fwd)
     ms_fb = _median_ms(fwd_bwd)
     mem_fb = _peak_mb(fwd_bwd)
-    leaves = [x for x in grads if x is not None]
-    o = fn(*grads)  # the backward alone: one graph, its gradients taken again and again
-    try:
-        ms_b = _median_ms(lambda: torch.autograd.grad(o, leaves, do, retain_graph=True))
-    except RuntimeError as exc:  # a method whose graph cannot be run twice: fwd+bwd - fwd instead
-        print(f"{name}: backward alone not timed ({exc}); using forward+backward - forward", file=sys.stderr)
-        ms_b = ms_fb - ms_f
-    return {"forward_ms": ms_f, "forward_backward_ms": ms_fb, "backward_ms": ms_b, "forward_peak_mb": mem_f,
-            "forward_backward_peak_mb": mem_fb}
+    out = {"forward_ms": ms_f, "forward_backward_ms": ms_fb, "forward_peak_mb": mem_f, "forward_backward_peak_mb": mem_fb}
+    if time_backward:
+        leaves = [x for x in grads if x is not None]
+        o = fn(*grads)  # the backward alone: one graph, its gradients taken again and again
+        try:
+            out["backward_ms"] = _median_ms(lambda: torch.autograd.grad(o, leaves, do, retain_graph=True))
+        except RuntimeError as exc:  # a method whose graph cannot be run twice: fwd+bwd - fwd instead
+            print(f"{name}: backward alone not timed ({exc}); using forward+backward - forward", file=sys.stderr)
+            out["backward_ms"], out["backward_derived"] = ms_fb - ms_f, True
+    return out
 
 
 def kernel_breakdown(name, fn, B, T, H, K, V, passes=3) -> dict:
@@ -289,14 +294,19 @@ LAYOUT_SHAPES = {
 }
 
 
-def layout_check(shapes="benchmark", repeats=2, materialize=(True, False), device="cuda", log=print) -> list[dict]:
+LAYOUT_VARIANTS = ({}, {"segment_programs": 0, "bwd_segmented": False})  # today's paths, and the v3 ones
+# (sequential state passes in 32 x 32 blocks at 4 warps: the launches of the run that faulted)
+
+
+def layout_check(shapes="benchmark", repeats=2, materialize=(True, False), device="cuda", variants=({},),
+                 log=print) -> list[dict]:
     """Allocate the bf16 inputs (and output gradients) of every shape first, then run forward and backward
-    of each (the final state in the loss too), ``repeats`` times per strategy, synchronizing after each.
-    shapes: a key of LAYOUT_SHAPES, "all", or a list of such tuples. Returns one dict per (shape,
-    strategy): finite (every output and gradient) and repeatable (bitwise equal across the repeats).
-    Under compute-sanitizer, run with PYTORCH_NO_CUDA_MEMORY_CACHING=1 so that every tensor is its own
-    allocation and a read past its end is reported."""
-    from glalearn import flash_gla
+    of each (the final state in the loss too), ``repeats`` times per strategy and CONFIG variant,
+    synchronizing after each. shapes: a key of LAYOUT_SHAPES, "all", or a list of such tuples. Returns
+    one dict per (shape, variant, strategy): finite (every output and gradient) and repeatable (bitwise
+    equal across the repeats). Under compute-sanitizer, run with PYTORCH_NO_CUDA_MEMORY_CACHING=1 so that
+    every tensor is its own allocation and a read past its end is reported."""
+    from glalearn import flash, flash_gla
 
     if isinstance(shapes, str):
         shapes = [s for key in (LAYOUT_SHAPES if shapes == "all" else [shapes]) for s in LAYOUT_SHAPES[key]]
@@ -318,22 +328,32 @@ def layout_check(shapes="benchmark", repeats=2, materialize=(True, False), devic
         cases.append((name, leaves, do, ds))
     sync()
     results = []
-    for name, leaves, do, ds in cases:
-        for mat in materialize:
-            runs = []
-            for _ in range(repeats):
-                for x in leaves:
-                    x.grad = None
-                o, s = flash_gla(*leaves[:4], initial_state=leaves[4] if len(leaves) > 4 else None,
-                                 output_final_state=True, materialize=mat)
-                torch.autograd.backward([o, s], [do, ds])
-                sync()
-                runs.append([o.detach(), s.detach()] + [x.grad for x in leaves])
-            finite = all(bool(torch.isfinite(t).all()) for t in runs[0])
-            repeatable = all(torch.equal(a, b) for run in runs[1:] for a, b in zip(runs[0], run))
-            results.append({"shape": name, "materialize": mat, "finite": finite, "repeatable": repeatable})
-            log(f"layout check {name} materialize={mat}: finite {finite}, repeatable {repeatable}")
-            del runs
+    saved = dict(flash.CONFIG)
+    try:
+        for variant in variants:
+            flash.CONFIG.update(variant)
+            for name, leaves, do, ds in cases:
+                for mat in materialize:
+                    runs = []
+                    for _ in range(repeats):
+                        for x in leaves:
+                            x.grad = None
+                        o, s = flash_gla(*leaves[:4], initial_state=leaves[4] if len(leaves) > 4 else None,
+                                         output_final_state=True, materialize=mat)
+                        torch.autograd.backward([o, s], [do, ds])
+                        sync()
+                        runs.append([o.detach(), s.detach()] + [x.grad for x in leaves])
+                    finite = all(bool(torch.isfinite(t).all()) for t in runs[0])
+                    repeatable = all(torch.equal(a, b) for run in runs[1:] for a, b in zip(runs[0], run))
+                    results.append({"shape": name, "variant": variant, "materialize": mat, "finite": finite,
+                                    "repeatable": repeatable})
+                    log(f"layout check {name} {variant} materialize={mat}: finite {finite}, repeatable {repeatable}")
+                    del runs
+            flash.CONFIG.clear()
+            flash.CONFIG.update(saved)
+    finally:
+        flash.CONFIG.clear()
+        flash.CONFIG.update(saved)
     return results
 
 
@@ -406,6 +426,107 @@ def sweep(variants, cases=SWEEP_CASES, log=print) -> list[dict]:
     return out
 
 
+def offline_resources(shapes=(("P1", 4096), ("P2", 4096)), dtype=torch.bfloat16, gate_dtype=None, arch=90,
+                      log=print) -> dict:
+    """Registers and spills of every kernel flash_gla launches (materialized forward and the backward),
+    compiled for an sm_{arch} GPU on this machine, with no GPU: each launch is caught, compiled by
+    Triton for that target and assembled by its ptxas with -v; nothing runs. Needs compiled (not
+    interpreted) Triton. A reading, not the GPU's: the GPU machine's Triton (and ptxas) may allocate
+    registers differently (kernels/NOTES.md compares the two).
+
+    shapes: (profile, T) pairs; B = 1 (registers do not depend on B, nor on T beyond its divisibility by
+    16 and the segment length, which these T keep above 1). Returns {"P1 T=4096": {launch: {...}}}."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from glalearn import flash
+
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32"}
+    target = GPUTarget("cuda", arch, 32)
+
+    def ptxas_report(ptx, maxnreg):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "k.ptx")
+            with open(path, "w") as f:
+                f.write(ptx)
+            for exe in ("ptxas", "ptxas-blackwell"):  # the one that reads this PTX version
+                cmd = [os.path.join(bindir, exe), "-v", f"-arch=sm_{arch}a", path, "-o", os.path.join(tmp, "k.cubin")]
+                if maxnreg:
+                    cmd.insert(2, f"--maxrregcount={maxnreg}")
+                res = subprocess.run(cmd, check=False, capture_output=True, text=True)
+                if res.returncode == 0:
+                    regs = re.search(r"Used (\d+) registers", res.stderr)
+                    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", res.stderr)
+                    return {"n_regs": int(regs.group(1)), "spill_store_bytes": int(spill.group(1)),
+                            "spill_load_bytes": int(spill.group(2)), "ptxas": exe}
+        return {"error": res.stderr[-500:]}
+
+    class Catch:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: self.compile(args, dict(kwargs))
+
+        def compile(self, args, kwargs):
+            options = {"num_warps": kwargs.pop("num_warps", 4), "num_stages": kwargs.pop("num_stages", 3)}
+            if kwargs.get("maxnreg"):
+                options["maxnreg"] = kwargs.pop("maxnreg")
+            kwargs.pop("maxnreg", None)
+            bound = dict(zip(self.fn.arg_names, args), **kwargs)
+            sig, constexprs, attrs = {}, {}, {}
+            for i, param in enumerate(self.fn.params):
+                value = bound.get(param.name, param.default)
+                if param.is_constexpr or (isinstance(value, int) and not isinstance(value, bool) and value == 1):
+                    sig[param.name], constexprs[param.name] = "constexpr", value  # Triton specializes 1 too
+                elif isinstance(value, torch.Tensor):
+                    sig[param.name] = "*" + names[value.dtype]
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+                elif isinstance(value, float):
+                    sig[param.name] = "fp32"
+                else:
+                    sig[param.name] = "i32"
+                    if value % 16 == 0:
+                        attrs[(i,)] = [["tt.divisibility", 16]]
+            compiled = triton.compile(ASTSource(self.fn, sig, constexprs, attrs), target=target, options=options)
+            report = ptxas_report(compiled.asm["ptx"], options.get("maxnreg"))
+            report.update(shared_bytes=int(compiled.metadata.shared), num_warps=options["num_warps"])
+            return report
+
+    real = flash._kernels
+
+    def caught():
+        return tuple(type("M", (), {n: Catch(getattr(m, n)) for n in dir(m) if isinstance(getattr(m, n), triton.JITFunction)})
+                     for m in real())
+
+    out = {}
+    flash._kernels = caught
+    try:
+        for pname, T in shapes:
+            p = PROFILES[pname]
+            H, K, V = p["H"], p["K"], p["V"]
+            q, k = (torch.empty(1, T, H, K, dtype=dtype) for _ in range(2))
+            v, do = (torch.empty(1, T, H, V, dtype=dtype) for _ in range(2))
+            g = torch.empty(1, T, H, K, dtype=gate_dtype or dtype)
+            flash.LAST_COMPILED.clear()
+            flash.flash_forward(q, k, v, g, K**-0.5, None, 64, True, False)
+            flash.flash_backward(q, k, v, g, do, None, K**-0.5, None, 64)
+            out[f"{pname} T={T}"] = dict(flash.LAST_COMPILED)
+            for name, r in flash.LAST_COMPILED.items():
+                log(f"{pname} T={T} {name:<34} " + ("  ".join(f"{a} {b}" for a, b in r.items())))
+    finally:
+        flash._kernels = real
+        flash.LAST_COMPILED.clear()
+    return out
+
+
 def kernel_resources() -> dict:
     """Registers, spills and shared memory of every compiled flash_gla kernel (after a run)."""
     from glalearn import flash
@@ -457,8 +578,8 @@ def run(profiles, lengths, include_fla=True, only=None, log=print, profile_kerne
             costs[f"{pname} T={T}"] = c
             bwd_floor = c["backward_floor_bytes"] / (bandwidth * 1e9) * 1e3
             for name, fn in meths.items():
-                try:
-                    r = time_method(name, fn, B, T, H, K, V)
+                try:  # the non-materialized strategy has the same backward: timed once, with the other
+                    r = time_method(name, fn, B, T, H, K, V, time_backward=name != "flash_gla (non-materialized)")
                 except Exception as exc:  # noqa: BLE001 - record it, time the other methods
                     log(f"{pname} T={T:>5} {name}: FAILED {type(exc).__name__}: {str(exc)[:500]}")
                     rows.append({"profile": pname, "T": T, "B": B, "H": H, "K": K, "V": V, "method": name,
@@ -472,8 +593,9 @@ def run(profiles, lengths, include_fla=True, only=None, log=print, profile_kerne
                     row.update(forward_bytes=c["forward_bytes"], backward_bytes=c["backward_bytes"])
                 row["elapsed_s"] = time.perf_counter() - started
                 rows.append(row)
+                bwd_ms = f"{r['backward_ms']:7.3f}" if "backward_ms" in r else "      -"
                 log(f"{pname} T={T:>5} B={B:>3} {name:<30} fwd {r['forward_ms']:7.3f} ms  fwd+bwd "
-                    f"{r['forward_backward_ms']:7.3f} ms  bwd {r['backward_ms']:7.3f} ms  peak "
+                    f"{r['forward_backward_ms']:7.3f} ms  bwd {bwd_ms} ms  peak "
                     f"{r['forward_backward_peak_mb']:8.0f} MB  (floors {floor:.3f} / {bwd_floor:.3f} ms; "
                     f"{row['elapsed_s']:.0f} s)")
                 if on_row is not None:
@@ -529,17 +651,20 @@ def plot(result: dict, path: str) -> None:
 
     rows = [r for r in result["rows"] if "error" not in r]
     profiles = sorted({r["profile"] for r in rows})
-    fig, axes = plt.subplots(len(profiles), 2, figsize=(10, 3.6 * len(profiles)), squeeze=False)
+    panels = [("forward_ms", "forward", "forward_floor_ms"), ("backward_ms", "backward", "backward_floor_ms"),
+              ("forward_backward_ms", "forward + backward", None)]
+    fig, axes = plt.subplots(len(profiles), 3, figsize=(14, 3.6 * len(profiles)), squeeze=False)
     for i, pname in enumerate(profiles):
-        for j, (key, label) in enumerate([("forward_ms", "forward"), ("forward_backward_ms", "forward + backward")]):
+        for j, (key, label, floor) in enumerate(panels):
             ax = axes[i][j]
             for method in dict.fromkeys(r["method"] for r in rows):
-                pts = sorted((r["T"], r[key]) for r in rows if r["profile"] == pname and r["method"] == method)
+                pts = sorted((r["T"], r[key]) for r in rows
+                             if r["profile"] == pname and r["method"] == method and key in r)
                 if pts:
                     ax.plot(*zip(*pts), marker="o", label=method)
-            if key == "forward_ms":
-                pts = sorted((r["T"], r["forward_floor_ms"]) for r in rows
-                             if r["profile"] == pname and r["method"] == "flash_gla (materialized)")
+            if floor:
+                pts = sorted((r["T"], r[floor]) for r in rows
+                             if r["profile"] == pname and r["method"] == "flash_gla (materialized)" and floor in r)
                 if pts:
                     ax.plot(*zip(*pts), "k--", label="memory floor")
             p = PROFILES[pname]
@@ -549,7 +674,7 @@ def plot(result: dict, path: str) -> None:
             ax.set_ylabel("ms (median)")
             ax.set_title(f"{pname}: H={p['H']}, K=V={p['K']}, {p['tokens']} tokens — {label}", fontsize=9)
             ax.grid(True, which="both", alpha=0.3)
-            if i == 0 and j == 1:
+            if i == 0 and j == 2:
                 ax.legend(fontsize=7)
     fig.suptitle(f"GLA kernels on {result['machine']['gpu']}, bf16", fontsize=10)
     fig.tight_layout()
@@ -570,10 +695,25 @@ def main(argv=None) -> int:
     parser.add_argument("--sweep", type=json.loads, default=None, metavar="JSON",
                         help='instead of the benchmark: time these CONFIG variants, e.g. \'[{}, {"bwd_bv": 64}]\' '
                              "(forward and backward alone at P1/P2 T=16384 and 1024, registers, gradient errors)")
+    parser.add_argument("--rep-ms", type=float, default=TIMING["rep_ms"],
+                        help=f"do_bench repetition time per measurement in ms (default {TIMING['rep_ms']})")
+    parser.add_argument("--offline-registers", action="store_true",
+                        help="no GPU needed: compile every launch for sm_90 here and print registers and spills")
     parser.add_argument("--layout-check", nargs="?", const="benchmark", choices=[*LAYOUT_SHAPES, "all"],
                         help="instead of timing: allocate these shapes' inputs first, then forward and backward "
                              "of each (finite and repeatable?); exit 1 otherwise. Run it under compute-sanitizer")
     args = parser.parse_args(argv)
+    TIMING["rep_ms"] = args.rep_ms
+    if args.offline_registers:
+        from glalearn import flash
+
+        if args.config:
+            flash.CONFIG.update(args.config)
+        result = offline_resources()
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"offline_registers": result, "config": dict(flash.CONFIG)}, f, indent=1)
+        return 0
     if not torch.cuda.is_available():
         print("the kernel benchmark needs a CUDA GPU (chapter 7 reads the committed results instead)")
         return 1
@@ -595,7 +735,7 @@ def main(argv=None) -> int:
                           f, indent=1)
         return 0
     if args.layout_check:
-        results = layout_check(args.layout_check)
+        results = layout_check(args.layout_check, variants=LAYOUT_VARIANTS)
         if args.out:
             with open(args.out, "w") as f:
                 json.dump({"layout_check": results, "config": dict(flash.CONFIG)}, f, indent=1)

@@ -157,9 +157,10 @@ def test_segmented_backward_matches_the_sequential_one(flash_config, K, V, T, no
 def test_benchmark_layout_runs_clean_and_deterministic():
     """The layout of the script that once faulted (kernels/NOTES.md, "Open bug"): the inputs of the three
     benchmark shapes (P1 T=16384, P1 T=4096, P2 T=16384) allocated before the first launch, then forward
-    and backward of each, both strategies: every result finite, and bitwise the same when repeated.
-    (``python -m glalearn.bench kernels --layout-check`` runs the same under compute-sanitizer.)"""
-    from glalearn.bench_kernels import layout_check
+    and backward of each, both strategies, today's launches and the v3 ones of that run: every result
+    finite, and bitwise the same when repeated. (``python -m glalearn.bench kernels --layout-check`` runs
+    the same under compute-sanitizer.)"""
+    from glalearn.bench_kernels import LAYOUT_VARIANTS, layout_check
 
-    first = layout_check(shapes="benchmark", repeats=2)
+    first = layout_check(shapes="benchmark", repeats=2, variants=LAYOUT_VARIANTS)
     assert first and all(r["finite"] and r["repeatable"] for r in first), first
