@@ -360,23 +360,25 @@ def layout_check(shapes="benchmark", repeats=2, materialize=(True, False), devic
 SWEEP_CASES = (("P1", 16384), ("P1", 1024), ("P2", 16384), ("P2", 1024))
 
 
-def sweep(variants, cases=SWEEP_CASES, log=print) -> list[dict]:
+def sweep(variants, cases=SWEEP_CASES, log=print, device="cuda", timer=None, check_T=1000) -> list[dict]:
     """Launch choices tried in one process: for each variant (a dict merged into flash.CONFIG), the
     materialized forward and the backward alone (do_bench medians) at every (profile, T) of ``cases``,
     the kernels' registers and spills, and the gradients' relative RMSE against float64 on a small
     mixed-gate input (so a fast but wrong variant shows). A variant that fails is recorded with its
-    error and the sweep goes on. CONFIG is restored afterwards."""
+    error and the sweep goes on. CONFIG is restored afterwards. cases: (profile, T) pairs or (name, B, T,
+    H, K, V) tuples; timer: fn -> ms (default do_bench medians); check_T: length of the gradient check."""
     from glalearn import chunk_gla, flash, flash_gla
     from glalearn.numerics import random_gla_inputs, relative_rmse
 
+    timer = timer or _median_ms
     saved = dict(flash.CONFIG)
     checks = []
     for K in (64, 128):  # the references, once: float64 chunk form on the bf16-rounded inputs
-        x = random_gla_inputs(B=2, T=1000, H=2, K=K, V=K, seed=K, initial_state=True, device="cuda")
+        x = random_gla_inputs(B=2, T=check_T, H=2, K=K, V=K, seed=K, initial_state=True, device=device)
         for n in "qkvg":
             x[n] = x[n].to(torch.bfloat16)
-        x["g"][:, 300:420] = -30.0
-        x["g"][:, 600:700, :, :3] = -2.0
+        x["g"][:, int(0.3 * check_T):int(0.42 * check_T)] = -30.0
+        x["g"][:, int(0.6 * check_T):int(0.7 * check_T), :, :3] = -2.0
         x64 = {n: t.double().requires_grad_() for n, t in x.items()}
         o_ref, s_ref = chunk_gla(**x64, output_final_state=True)
         do, ds = torch.randn_like(o_ref), torch.randn_like(s_ref)
@@ -398,28 +400,32 @@ def sweep(variants, cases=SWEEP_CASES, log=print) -> list[dict]:
                     K = x["q"].shape[-1]
                     errs.update({f"K={K} d{n}": relative_rmse(t.grad, ref[n]) for n, t in leaves.items()})
                 rec["grad_errors"] = errs
-                for pname, T in cases:
-                    p = PROFILES[pname]
-                    B, H, K, V = p["tokens"] // T, p["H"], p["K"], p["V"]
-                    args = [t.requires_grad_() for t in gla_inputs(B, T, H, K, V)]
+                for case in cases:
+                    if len(case) == 2:
+                        pname, T = case
+                        p = PROFILES[pname]
+                        label, B, H, K, V = f"{pname} T={T}", p["tokens"] // T, p["H"], p["K"], p["V"]
+                    else:
+                        label, B, T, H, K, V = case
+                    args = [t.requires_grad_() for t in gla_inputs(B, T, H, K, V, device=device)]
                     with torch.no_grad():
-                        fwd = _median_ms(lambda args=args: flash_gla(*args)[0])
+                        fwd = timer(lambda args=args: flash_gla(*args)[0])
                     o = flash_gla(*args)[0]
                     do = torch.randn_like(o)
-                    bwd = _median_ms(lambda o=o, args=args, do=do: torch.autograd.grad(o, args, do, retain_graph=True))
+                    bwd = timer(lambda o=o, args=args, do=do: torch.autograd.grad(o, args, do, retain_graph=True))
                     c = kernel_costs(B, T, H, K, V)
-                    rec[f"{pname} T={T}"] = {"forward_ms": fwd, "backward_ms": bwd,
-                                             "backward_bytes": c["backward_bytes"]}
+                    rec[label] = {"forward_ms": fwd, "backward_ms": bwd, "backward_bytes": c["backward_bytes"]}
                     del o, args
                 rec["kernels"] = kernel_resources()
                 log(f"{variant}: " + "  ".join(f"{k} fwd {v['forward_ms']:.3f} bwd {v['backward_ms']:.3f}"
-                                               for k, v in rec.items() if k.startswith("P"))
+                                               for k, v in rec.items() if isinstance(v, dict) and "backward_ms" in v)
                     + f"  worst grad error {max(errs.values()):.1e}")
             except Exception as exc:  # noqa: BLE001 - a broken variant is a result, not the end of the sweep
                 rec["error"] = f"{type(exc).__name__}: {exc}"[:2000]
                 log(f"{variant}: FAILED {rec['error'][:300]}")
             out.append(rec)
-            torch.cuda.empty_cache()
+            if torch.device(device).type == "cuda":
+                torch.cuda.empty_cache()
     finally:
         flash.CONFIG.clear()
         flash.CONFIG.update(saved)

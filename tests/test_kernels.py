@@ -377,3 +377,28 @@ def test_every_launch_compiles_for_sm90_without_spilling_the_fast_kernels(tmp_pa
             assert "error" not in r, (shape, name, r)
             if "flagged" not in name:  # the exact path's launches may spill: they run only for flagged chunks
                 assert r["spill_store_bytes"] <= 64, (shape, name, r)
+
+
+def test_sweep_records_each_variant_and_restores_the_config():
+    """bench kernels --sweep on tiny inputs here (a counting timer instead of do_bench): one record per
+    variant with its gradient errors (bf16 inputs with mixed gates, against float64), a failing variant
+    recorded with its error, CONFIG as it was afterwards."""
+    from glalearn import flash
+    from glalearn.bench_kernels import sweep
+
+    before = dict(flash.CONFIG)
+    calls = []
+
+    def timer(fn):
+        fn()
+        calls.append(1)
+        return float(len(calls))
+
+    out = sweep([{}, {"bwd_dg_scan": "product"}, {"span_max": "not a number"}], cases=[("tiny", 1, 70, 2, 16, 16)],
+                log=lambda *_: None, device="cpu", timer=timer, check_T=150)
+    assert flash.CONFIG == before
+    assert [r["variant"] for r in out] == [{}, {"bwd_dg_scan": "product"}, {"span_max": "not a number"}]
+    for r in out[:2]:
+        assert set(r["tiny"]) == {"forward_ms", "backward_ms", "backward_bytes"}
+        assert max(r["grad_errors"].values()) <= 1e-2, r["grad_errors"]  # bf16 tolerance (DESIGN.md §2)
+    assert "error" in out[2] and "tiny" not in out[2]
