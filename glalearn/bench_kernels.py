@@ -7,9 +7,15 @@ Times, with `triton.testing.do_bench` medians on bf16 inputs, forward and forwar
 for two configurations, as in the paper's Fig. 2:
   P1: H = 16, K = V = 64, 65,536 tokens per batch (B = 65536 / T);
   P2: H = 16, K = V = 128, 16,384 tokens per batch (B = 16384 / T);
-T in {512, 1024, 2048, 4096, 8192, 16384}. Also: peak memory of each call, the device-to-device copy
-bandwidth, the memory-traffic floor of the forward, and each kernel's registers/spills/shared memory.
+T in {512, 1024, 2048, 4096, 8192, 16384}. Also: the backward alone, peak memory of each call, the
+device-to-device copy bandwidth, the bytes and FLOPs of every launch of flash_gla (``kernel_costs``) with
+the memory-traffic floors of forward and backward at that bandwidth, the per-kernel profile of one
+forward+backward at the longest T, and each kernel's registers/spills/shared memory.
 Writes a JSON file (with the command, GPU, versions and date) and a PNG plot beside it.
+
+``--layout-check`` instead allocates the inputs of several shapes before the first launch (the layout of
+a script that once faulted) and runs forward and backward of each, checking that every result is finite
+and repeatable: run it under ``compute-sanitizer --tool memcheck`` (kernels/NOTES.md).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import argparse
 import json
 import platform
 import sys
+import time
 from datetime import datetime, timezone
 
 import torch
@@ -29,9 +36,13 @@ PROFILES = {
 LENGTHS = [512, 1024, 2048, 4096, 8192, 16384]
 
 
-def _median_ms(fn, warmup=10, rep=50) -> float:
+TIMING = {"rep_ms": 50}  # do_bench's repetition time per measurement (--rep-ms)
+
+
+def _median_ms(fn, warmup=10, rep=None) -> float:
     import triton.testing
 
+    rep = TIMING["rep_ms"] if rep is None else rep
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
@@ -52,13 +63,13 @@ def copy_bandwidth_gbs(nbytes: int = 2**30) -> float:
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
-def gla_inputs(B, T, H, K, V, seed=0, dtype=torch.bfloat16):
+def gla_inputs(B, T, H, K, V, seed=0, dtype=torch.bfloat16, device="cuda"):
     """Random bf16 inputs (paper's gate: g = logsigmoid(randn) / 16) on the GPU."""
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    q = torch.randn(B, T, H, K, device="cuda", dtype=dtype, generator=gen)
-    k = torch.randn(B, T, H, K, device="cuda", dtype=dtype, generator=gen)
-    v = torch.randn(B, T, H, V, device="cuda", dtype=dtype, generator=gen)
-    g = (torch.nn.functional.logsigmoid(torch.randn(B, T, H, K, device="cuda", generator=gen)) / 16).to(dtype)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(B, T, H, K, device=device, dtype=dtype, generator=gen)
+    k = torch.randn(B, T, H, K, device=device, dtype=dtype, generator=gen)
+    v = torch.randn(B, T, H, V, device=device, dtype=dtype, generator=gen)
+    g = (torch.nn.functional.logsigmoid(torch.randn(B, T, H, K, device=device, generator=gen)) / 16).to(dtype)
     return q, k, v, g
 
 
@@ -95,7 +106,7 @@ def _args_for(name, B, T, H, K, V, seed):
     return [q, k, v, g]
 
 
-def time_method(name, fn, B, T, H, K, V, seed=0) -> dict:
+def time_method(name, fn, B, T, H, K, V, seed=0, time_backward=True) -> dict:
     args = _args_for(name, B, T, H, K, V, seed)
     def fwd():
         return fn(*args)
@@ -115,8 +126,16 @@ def time_method(name, fn, B, T, H, K, V, seed=0) -> dict:
         mem_f = _peak_mb(fwd)
     ms_fb = _median_ms(fwd_bwd)
     mem_fb = _peak_mb(fwd_bwd)
-    return {"forward_ms": ms_f, "forward_backward_ms": ms_fb, "forward_peak_mb": mem_f,
-            "forward_backward_peak_mb": mem_fb}
+    out = {"forward_ms": ms_f, "forward_backward_ms": ms_fb, "forward_peak_mb": mem_f, "forward_backward_peak_mb": mem_fb}
+    if time_backward:
+        leaves = [x for x in grads if x is not None]
+        o = fn(*grads)  # the backward alone: one graph, its gradients taken again and again
+        try:
+            out["backward_ms"] = _median_ms(lambda: torch.autograd.grad(o, leaves, do, retain_graph=True))
+        except RuntimeError as exc:  # a method whose graph cannot be run twice: fwd+bwd - fwd instead
+            print(f"{name}: backward alone not timed ({exc}); using forward+backward - forward", file=sys.stderr)
+            out["backward_ms"], out["backward_derived"] = ms_fb - ms_f, True
+    return out
 
 
 def kernel_breakdown(name, fn, B, T, H, K, V, passes=3) -> dict:
@@ -156,6 +175,364 @@ def forward_floor_ms(B, T, H, K, V, bandwidth_gbs, elem_bytes=2) -> float:
     return nbytes / (bandwidth_gbs * 1e9) * 1e3
 
 
+def kernel_costs(B, T, H, K, V, C=64, e=2, g_bytes=None, config=None, initial_state=False,
+                 final_state_grad=False) -> dict:
+    """Bytes each launch of flash_gla must move and the FLOPs it computes, under ``config`` (default
+    ``flash.CONFIG``), for inputs of e bytes per number (g_bytes for g; default e), one call.
+
+    Bytes are DRAM traffic with each tensor a launch touches counted once: programs that need the same
+    tile (the V blocks of one chunk, the chunks of one segment reading its carried state) run side by
+    side and share it through L2.
+    FLOPs count every product at the tiles' full size (2 per multiply-add), the gate scans as products
+    with a triangle of ones (1 piece for bf16 gates, 3 otherwise), and leave out elementwise work.
+
+    Returns {"forward": {launch: {"bytes", "flops"}}, "backward": {...}, "forward_bytes",
+    "backward_bytes", "forward_flops", "backward_flops", "forward_floor_bytes", "backward_floor_bytes",
+    "design": {"forward": "segmented" | "sequential", "backward": ...}}. The floors: what any
+    implementation must move — forward: read q, k, v, g, write o; backward: read q, k, v, g, dO,
+    write dq, dk, dv, dg (and S_0, its gradient and the final state's gradient where they exist).
+    """
+    from glalearn import flash
+
+    cfg = dict(flash.CONFIG if config is None else config)
+    eg = e if g_bytes is None else g_bytes
+    b = flash.launch_blocks(K, V, cfg)
+    N = -(-T // C)
+    tok = B * T * H  # (token, head) pairs
+    states = B * H * N * K * V  # numbers in N chunk states
+    small = B * H * N * K  # one K-vector per chunk (Λ_n, Λ'_n)
+    pieces = 1 if eg == 2 else 3  # bf16 pieces of the gate scan products
+    eh = 2 if (e == 2 and cfg["bf16_states"]) else 4  # bytes per number of the segment-local states
+    kv_state = 4 * B * H * K * V  # one float32 state per head (S_0, S_T, their gradients)
+    sbk, sbv = b["segment_bk"], b["segment_bv"]
+    nvb_s = -(-V // sbv)
+    SEG = flash.segment_length(B, H, K, V, N, sbk, sbv, cfg)
+    NSEG = -(-N // SEG)
+    seg_states = 4 * B * H * NSEG * K * V  # float32 states, one per segment
+    nvb = -(-V // b["BV"])
+    chunks = B * H * N
+
+    def cost(nbytes, flops):
+        return {"bytes": int(nbytes), "flops": int(flops)}
+
+    def segment_pass():
+        return {
+            "segment_state_kernel": cost(
+                tok * ((e + eg) * K + e * V) + eh * states + 4 * small + seg_states + 4 * B * H * NSEG * K,
+                chunks * (2 * C * K * V + nvb_s * 2 * C * C * K * pieces)),
+            "segment_combine_kernel": cost(2 * seg_states + 4 * B * H * NSEG * K + (kv_state if initial_state else 0),
+                                           0),
+        }
+
+    fwd, bwd = {}, {}
+    segmented_forward = bool(cfg["segment_programs"])
+    if segmented_forward:
+        fwd.update(segment_pass())
+        fwd["chunk_output_kernel"] = cost(  # both launches (the flagged one reads the flags: 4 B a chunk)
+            tok * ((2 * e + eg) * K + 2 * e * V) + eh * states + 4 * small + seg_states + 8 * chunks,
+            chunks * (nvb * (2 * C * C * K * (1 + pieces)) + 2 * C * K * V + 2 * C * C * V))
+    else:
+        fwd["chunk_cumsum_kernel"] = cost(tok * K * (eg + 4), 0)
+        fwd["chunk_state_kernel"] = cost(tok * ((e + 4) * K + e * V) + 4 * B * H * (N + 1) * K * V
+                                         + (kv_state if initial_state else 0), chunks * 2 * C * K * V)
+        fwd["chunk_output_kernel"] = cost(tok * ((2 * e + 4) * K + 2 * e * V) + 4 * states,
+                                          chunks * (nvb * 2 * C * C * K + 2 * C * K * V + 2 * C * C * V))
+    if cfg["bwd_segmented"]:
+        bwd.update(segment_pass())
+        bwd["segment_dstate_kernel"] = cost(
+            tok * ((e + eg) * K + e * V) + eh * states + 4 * small + seg_states,
+            chunks * (2 * C * K * V + nvb_s * 2 * C * C * K * pieces))
+        bwd["segment_combine_kernel (reverse)"] = cost(
+            2 * seg_states + 4 * B * H * NSEG * K + (kv_state if final_state_grad else 0)
+            + (kv_state if initial_state else 0), 0)
+        NK = -(-K // b["DBK"])
+        fuse = b["fuse_dv"]
+        dg_scan = 2 * 2 * C * C * K * 3 if cfg["bwd_dg_scan"] != "cumsum" else 0
+        flops = chunks * (NK * 2 * C * C * V + 4 * C * V * K + 4 * C * C * K + 2 * C * C * K * pieces + dg_scan)
+        nbytes = (tok * ((2 * e + eg) * K + 2 * e * V) + 2 * eh * states + 8 * small + 2 * seg_states
+                  + tok * (2 * e + eg) * K + 8 * chunks * NK)
+        if fuse:
+            flops += chunks * (2 * C * C * K + 2 * C * K * V + 2 * C * C * V)
+            nbytes += tok * e * V
+        bwd["chunk_bwd_kernel"] = cost(nbytes, flops)  # both launches (fast and flagged)
+        if not fuse:
+            bwd["chunk_bwd_dv_kernel"] = cost(
+                tok * ((2 * e + eg) * K + 2 * e * V) + eh * states + 4 * small + seg_states + 8 * chunks,
+                chunks * (-(-V // b["DVBV"]) * 2 * C * C * K * (1 + pieces) + 2 * C * K * V + 2 * C * C * V))
+    else:
+        kb = -(-K // b["DBK"])
+        bwd["chunk_cumsum_kernel"] = cost(tok * K * (eg + 4), 0)
+        bwd["chunk_state_kernel"] = cost(tok * ((e + 4) * K + e * V) + 4 * B * H * (N + 1) * K * V
+                                         + (kv_state if initial_state else 0), chunks * 2 * C * K * V)
+        bwd["chunk_state_backward_kernel"] = cost(tok * ((e + 4) * K + e * V) + 4 * states
+                                                  + (kv_state if final_state_grad else 0)
+                                                  + (kv_state if initial_state else 0), chunks * 2 * C * K * V)
+        bwd["chunk_dv_kernel"] = cost(tok * ((2 * e + 4) * K + 2 * e * V) + 4 * states,
+                                      chunks * (nvb * 2 * C * C * K + 2 * C * K * V + 2 * C * C * V))
+        bwd["chunk_dqkg_kernel"] = cost(tok * ((2 * e + 4) * K + 2 * e * V + (2 * e + eg) * K) + 8 * states,
+                                        chunks * (kb * 2 * C * C * V + 4 * C * V * K + 4 * C * C * K))
+    fwd_floor = tok * ((2 * e + eg) * K + 2 * e * V) + (kv_state if initial_state else 0)
+    bwd_floor = (tok * ((2 * e + eg) * K + 2 * e * V) + tok * ((2 * e + eg) * K + e * V)
+                 + (2 * kv_state if initial_state else 0) + (kv_state if final_state_grad else 0))
+    return {"forward": fwd, "backward": bwd,
+            "forward_bytes": sum(c["bytes"] for c in fwd.values()),
+            "backward_bytes": sum(c["bytes"] for c in bwd.values()),
+            "forward_flops": sum(c["flops"] for c in fwd.values()),
+            "backward_flops": sum(c["flops"] for c in bwd.values()),
+            "forward_floor_bytes": fwd_floor, "backward_floor_bytes": bwd_floor,
+            "design": {"forward": "segmented" if segmented_forward else "sequential",
+                       "backward": "segmented" if cfg["bwd_segmented"] else "sequential"},
+            "segment_chunks": SEG, "segments_per_head": NSEG}
+
+
+LAYOUT_SHAPES = {
+    # (name, B, T, H, K, V, initial state, g = -30 on the first half): the three shapes of the script
+    # that faulted, allocated together (kernels/NOTES.md), and the long strong-gate shapes of the GPU tests.
+    "benchmark": [("P1 T=16384", 4, 16384, 16, 64, 64, False, False), ("P1 T=4096", 16, 4096, 16, 64, 64, False, False),
+                  ("P2 T=16384", 1, 16384, 16, 128, 128, False, False)],
+    "long": [("T=65536 K=V=60", 1, 65536, 2, 60, 60, True, True), ("T=65536 K=V=100", 1, 65536, 2, 100, 100, False, True)],
+}
+
+
+LAYOUT_VARIANTS = ({}, {"segment_programs": 0, "bwd_segmented": False})  # today's paths, and the v3 ones
+# (sequential state passes in 32 x 32 blocks at 4 warps: the launches of the run that faulted)
+
+
+def layout_check(shapes="benchmark", repeats=2, materialize=(True, False), device="cuda", variants=({},),
+                 log=print) -> list[dict]:
+    """Allocate the bf16 inputs (and output gradients) of every shape first, then run forward and backward
+    of each (the final state in the loss too), ``repeats`` times per strategy and CONFIG variant,
+    synchronizing after each. shapes: a key of LAYOUT_SHAPES, "all", or a list of such tuples. Returns
+    one dict per (shape, variant, strategy): finite (every output and gradient) and repeatable (bitwise
+    equal across the repeats). Under compute-sanitizer, run with PYTORCH_NO_CUDA_MEMORY_CACHING=1 so that
+    every tensor is its own allocation and a read past its end is reported."""
+    from glalearn import flash, flash_gla
+
+    if isinstance(shapes, str):
+        shapes = [s for key in (LAYOUT_SHAPES if shapes == "all" else [shapes]) for s in LAYOUT_SHAPES[key]]
+
+    def sync():
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+
+    cases = []
+    for i, (name, B, T, H, K, V, h0, strong) in enumerate(shapes):  # every allocation before any launch
+        q, k, v, g = gla_inputs(B, T, H, K, V, seed=i, device=device)
+        if strong:
+            g[:, : T // 2] = -30.0
+        leaves = [x.requires_grad_() for x in (q, k, v, g)]
+        if h0:
+            leaves.append(torch.randn(B, H, K, V, device=device).requires_grad_())
+        do = torch.randn_like(v)
+        ds = torch.randn(B, H, K, V, device=device)
+        cases.append((name, leaves, do, ds))
+    sync()
+    results = []
+    saved = dict(flash.CONFIG)
+    try:
+        for variant in variants:
+            flash.CONFIG.update(variant)
+            for name, leaves, do, ds in cases:
+                for mat in materialize:
+                    runs = []
+                    for _ in range(repeats):
+                        for x in leaves:
+                            x.grad = None
+                        o, s = flash_gla(*leaves[:4], initial_state=leaves[4] if len(leaves) > 4 else None,
+                                         output_final_state=True, materialize=mat)
+                        torch.autograd.backward([o, s], [do, ds])
+                        sync()
+                        runs.append([o.detach(), s.detach()] + [x.grad for x in leaves])
+                    finite = all(bool(torch.isfinite(t).all()) for t in runs[0])
+                    repeatable = all(torch.equal(a, b) for run in runs[1:] for a, b in zip(runs[0], run))
+                    results.append({"shape": name, "variant": variant, "materialize": mat, "finite": finite,
+                                    "repeatable": repeatable})
+                    log(f"layout check {name} {variant} materialize={mat}: finite {finite}, repeatable {repeatable}")
+                    del runs
+            flash.CONFIG.clear()
+            flash.CONFIG.update(saved)
+    finally:
+        flash.CONFIG.clear()
+        flash.CONFIG.update(saved)
+    return results
+
+
+SWEEP_CASES = (("P1", 16384), ("P1", 1024), ("P2", 16384), ("P2", 1024))
+
+
+def sweep(variants, cases=SWEEP_CASES, log=print, device="cuda", timer=None, check_T=1000) -> list[dict]:
+    """Launch choices tried in one process: for each variant (a dict merged into flash.CONFIG), the
+    materialized forward and the backward alone (do_bench medians) at every (profile, T) of ``cases``,
+    the kernels' registers and spills, and the gradients' relative RMSE against float64 on a small
+    mixed-gate input (so a fast but wrong variant shows). A variant that fails is recorded with its
+    error and the sweep goes on. CONFIG is restored afterwards. cases: (profile, T) pairs or (name, B, T,
+    H, K, V) tuples; timer: fn -> ms (default do_bench medians); check_T: length of the gradient check."""
+    from glalearn import chunk_gla, flash, flash_gla
+    from glalearn.numerics import random_gla_inputs, relative_rmse
+
+    timer = timer or _median_ms
+    saved = dict(flash.CONFIG)
+    checks = []
+    for K in (64, 128):  # the references, once: float64 chunk form on the bf16-rounded inputs
+        x = random_gla_inputs(B=2, T=check_T, H=2, K=K, V=K, seed=K, initial_state=True, device=device)
+        for n in "qkvg":
+            x[n] = x[n].to(torch.bfloat16)
+        x["g"][:, int(0.3 * check_T):int(0.42 * check_T)] = -30.0
+        x["g"][:, int(0.6 * check_T):int(0.7 * check_T), :, :3] = -2.0
+        x64 = {n: t.double().requires_grad_() for n, t in x.items()}
+        o_ref, s_ref = chunk_gla(**x64, output_final_state=True)
+        do, ds = torch.randn_like(o_ref), torch.randn_like(s_ref)
+        ((o_ref * do).sum() + (s_ref * ds).sum()).backward()
+        checks.append((x, do, ds, {n: t.grad for n, t in x64.items()}))
+    out = []
+    try:
+        for variant in variants:
+            flash.CONFIG.clear()
+            flash.CONFIG.update(saved, **variant)
+            flash.LAST_COMPILED.clear()
+            rec = {"variant": variant}
+            try:
+                errs = {}
+                for x, do, ds, ref in checks:
+                    leaves = {n: t.detach().clone().requires_grad_() for n, t in x.items()}
+                    o, s = flash_gla(**leaves, output_final_state=True)
+                    ((o.double() * do).sum() + (s.double() * ds).sum()).backward()
+                    K = x["q"].shape[-1]
+                    errs.update({f"K={K} d{n}": relative_rmse(t.grad, ref[n]) for n, t in leaves.items()})
+                rec["grad_errors"] = errs
+                for case in cases:
+                    if len(case) == 2:
+                        pname, T = case
+                        p = PROFILES[pname]
+                        label, B, H, K, V = f"{pname} T={T}", p["tokens"] // T, p["H"], p["K"], p["V"]
+                    else:
+                        label, B, T, H, K, V = case
+                    args = [t.requires_grad_() for t in gla_inputs(B, T, H, K, V, device=device)]
+                    with torch.no_grad():
+                        fwd = timer(lambda args=args: flash_gla(*args)[0])
+                    o = flash_gla(*args)[0]
+                    do = torch.randn_like(o)
+                    bwd = timer(lambda o=o, args=args, do=do: torch.autograd.grad(o, args, do, retain_graph=True))
+                    c = kernel_costs(B, T, H, K, V)
+                    rec[label] = {"forward_ms": fwd, "backward_ms": bwd, "backward_bytes": c["backward_bytes"]}
+                    del o, args
+                rec["kernels"] = kernel_resources()
+                log(f"{variant}: " + "  ".join(f"{k} fwd {v['forward_ms']:.3f} bwd {v['backward_ms']:.3f}"
+                                               for k, v in rec.items() if isinstance(v, dict) and "backward_ms" in v)
+                    + f"  worst grad error {max(errs.values()):.1e}")
+            except Exception as exc:  # noqa: BLE001 - a broken variant is a result, not the end of the sweep
+                rec["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+                log(f"{variant}: FAILED {rec['error'][:300]}")
+            out.append(rec)
+            if torch.device(device).type == "cuda":
+                torch.cuda.empty_cache()
+    finally:
+        flash.CONFIG.clear()
+        flash.CONFIG.update(saved)
+    return out
+
+
+def offline_resources(shapes=(("P1", 4096), ("P2", 4096)), dtype=torch.bfloat16, gate_dtype=None, arch=90,
+                      log=print) -> dict:
+    """Registers and spills of every kernel flash_gla launches (materialized forward and the backward),
+    compiled for an sm_{arch} GPU on this machine, with no GPU: each launch is caught, compiled by
+    Triton for that target and assembled by its ptxas with -v; nothing runs. Needs compiled (not
+    interpreted) Triton. A reading, not the GPU's: the GPU machine's Triton (and ptxas) may allocate
+    registers differently (kernels/NOTES.md compares the two).
+
+    shapes: (profile, T) pairs; B = 1 (registers do not depend on B, nor on T beyond its divisibility by
+    16 and the segment length, which these T keep above 1). Returns {"P1 T=4096": {launch: {...}}}."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from glalearn import flash
+
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32"}
+    target = GPUTarget("cuda", arch, 32)
+
+    def ptxas_report(ptx, maxnreg):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "k.ptx")
+            with open(path, "w") as f:
+                f.write(ptx)
+            for exe in ("ptxas", "ptxas-blackwell"):  # the one that reads this PTX version
+                cmd = [os.path.join(bindir, exe), "-v", f"-arch=sm_{arch}a", path, "-o", os.path.join(tmp, "k.cubin")]
+                if maxnreg:
+                    cmd.insert(2, f"--maxrregcount={maxnreg}")
+                res = subprocess.run(cmd, check=False, capture_output=True, text=True)
+                if res.returncode == 0:
+                    regs = re.search(r"Used (\d+) registers", res.stderr)
+                    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", res.stderr)
+                    return {"n_regs": int(regs.group(1)), "spill_store_bytes": int(spill.group(1)),
+                            "spill_load_bytes": int(spill.group(2)), "ptxas": exe}
+        return {"error": res.stderr[-500:]}
+
+    class Catch:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: self.compile(args, dict(kwargs))
+
+        def compile(self, args, kwargs):
+            options = {"num_warps": kwargs.pop("num_warps", 4), "num_stages": kwargs.pop("num_stages", 3)}
+            if kwargs.get("maxnreg"):
+                options["maxnreg"] = kwargs.pop("maxnreg")
+            kwargs.pop("maxnreg", None)
+            bound = dict(zip(self.fn.arg_names, args), **kwargs)
+            sig, constexprs, attrs = {}, {}, {}
+            for i, param in enumerate(self.fn.params):
+                value = bound.get(param.name, param.default)
+                if param.is_constexpr or (isinstance(value, int) and not isinstance(value, bool) and value == 1):
+                    sig[param.name], constexprs[param.name] = "constexpr", value  # Triton specializes 1 too
+                elif isinstance(value, torch.Tensor):
+                    sig[param.name] = "*" + names[value.dtype]
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+                elif isinstance(value, float):
+                    sig[param.name] = "fp32"
+                else:
+                    sig[param.name] = "i32"
+                    if value % 16 == 0:
+                        attrs[(i,)] = [["tt.divisibility", 16]]
+            compiled = triton.compile(ASTSource(self.fn, sig, constexprs, attrs), target=target, options=options)
+            report = ptxas_report(compiled.asm["ptx"], options.get("maxnreg"))
+            report.update(shared_bytes=int(compiled.metadata.shared), num_warps=options["num_warps"])
+            return report
+
+    real = flash._kernels
+
+    def caught():
+        return tuple(type("M", (), {n: Catch(getattr(m, n)) for n in dir(m) if isinstance(getattr(m, n), triton.JITFunction)})
+                     for m in real())
+
+    out = {}
+    flash._kernels = caught
+    try:
+        for pname, T in shapes:
+            p = PROFILES[pname]
+            H, K, V = p["H"], p["K"], p["V"]
+            q, k = (torch.empty(1, T, H, K, dtype=dtype) for _ in range(2))
+            v, do = (torch.empty(1, T, H, V, dtype=dtype) for _ in range(2))
+            g = torch.empty(1, T, H, K, dtype=gate_dtype or dtype)
+            flash.LAST_COMPILED.clear()
+            flash.flash_forward(q, k, v, g, K**-0.5, None, 64, True, False)
+            flash.flash_backward(q, k, v, g, do, None, K**-0.5, None, 64)
+            out[f"{pname} T={T}"] = dict(flash.LAST_COMPILED)
+            for name, r in flash.LAST_COMPILED.items():
+                log(f"{pname} T={T} {name:<34} " + ("  ".join(f"{a} {b}" for a, b in r.items())))
+    finally:
+        flash._kernels = real
+        flash.LAST_COMPILED.clear()
+    return out
+
+
 def kernel_resources() -> dict:
     """Registers, spills and shared memory of every compiled flash_gla kernel (after a run)."""
     from glalearn import flash
@@ -190,9 +567,10 @@ def run(profiles, lengths, include_fla=True, only=None, log=print, profile_kerne
     partial results: a long run that is cut off keeps what it measured)."""
     from glalearn import flash
 
+    started = time.perf_counter()
     bandwidth = copy_bandwidth_gbs()
     log(f"copy bandwidth {bandwidth:.0f} GB/s (read + write)")
-    rows = []
+    rows, costs = [], {}
     meths = methods(include_fla)
     if only:
         meths = {n: f for n, f in meths.items() if any(n.startswith(o) for o in only)}
@@ -202,13 +580,30 @@ def run(profiles, lengths, include_fla=True, only=None, log=print, profile_kerne
         for T in lengths:
             B = p["tokens"] // T
             floor = forward_floor_ms(B, T, H, K, V, bandwidth)
+            c = kernel_costs(B, T, H, K, V)
+            costs[f"{pname} T={T}"] = c
+            bwd_floor = c["backward_floor_bytes"] / (bandwidth * 1e9) * 1e3
             for name, fn in meths.items():
-                r = time_method(name, fn, B, T, H, K, V)
-                rows.append({"profile": pname, "T": T, "B": B, "H": H, "K": K, "V": V, "method": name,
-                             "forward_floor_ms": floor, **r})
+                try:  # the non-materialized strategy has the same backward: timed once, with the other
+                    r = time_method(name, fn, B, T, H, K, V, time_backward=name != "flash_gla (non-materialized)")
+                except Exception as exc:  # noqa: BLE001 - record it, time the other methods
+                    log(f"{pname} T={T:>5} {name}: FAILED {type(exc).__name__}: {str(exc)[:500]}")
+                    rows.append({"profile": pname, "T": T, "B": B, "H": H, "K": K, "V": V, "method": name,
+                                 "error": f"{type(exc).__name__}: {exc}"[:2000]})
+                    if on_row is not None:
+                        on_row(rows)
+                    continue
+                row = {"profile": pname, "T": T, "B": B, "H": H, "K": K, "V": V, "method": name,
+                       "forward_floor_ms": floor, "backward_floor_ms": bwd_floor, **r}
+                if name == "flash_gla (materialized)":
+                    row.update(forward_bytes=c["forward_bytes"], backward_bytes=c["backward_bytes"])
+                row["elapsed_s"] = time.perf_counter() - started
+                rows.append(row)
+                bwd_ms = f"{r['backward_ms']:7.3f}" if "backward_ms" in r else "      -"
                 log(f"{pname} T={T:>5} B={B:>3} {name:<30} fwd {r['forward_ms']:7.3f} ms  fwd+bwd "
-                    f"{r['forward_backward_ms']:7.3f} ms  peak {r['forward_backward_peak_mb']:8.0f} MB  "
-                    f"(floor {floor:.3f} ms)")
+                    f"{r['forward_backward_ms']:7.3f} ms  bwd {bwd_ms} ms  peak "
+                    f"{r['forward_backward_peak_mb']:8.0f} MB  (floors {floor:.3f} / {bwd_floor:.3f} ms; "
+                    f"{row['elapsed_s']:.0f} s)")
                 if on_row is not None:
                     on_row(rows)
             torch.cuda.empty_cache()
@@ -218,18 +613,23 @@ def run(profiles, lengths, include_fla=True, only=None, log=print, profile_kerne
             p = PROFILES[pname]
             T = max(lengths)
             for name, fn in meths.items():
-                bd = kernel_breakdown(name, fn, p["tokens"] // T, T, p["H"], p["K"], p["V"])
+                try:
+                    bd = kernel_breakdown(name, fn, p["tokens"] // T, T, p["H"], p["K"], p["V"])
+                except Exception as exc:  # noqa: BLE001 - as in the timed rows
+                    log(f"kernels of {pname} T={T} {name}: FAILED {type(exc).__name__}: {str(exc)[:500]}")
+                    continue
                 breakdown[f"{pname} T={T} {name}"] = bd
                 log(f"kernels of {pname} T={T} {name} (forward+backward): "
                     + "; ".join(f"{k} x{c:g} {ms:.3f} ms" for k, (c, ms) in bd.items()))
     return {"copy_bandwidth_gbs": bandwidth, "rows": rows, "config": dict(flash.CONFIG),
-            "kernels": kernel_resources(), "kernel_breakdown_fwd_bwd": breakdown}
+            "kernels": kernel_resources(), "kernel_breakdown_fwd_bwd": breakdown, "costs": costs,
+            "elapsed_s": time.perf_counter() - started}
 
 
 def summary(rows) -> list[str]:
     """Ratios to fla and FlashAttention-2, per profile and T."""
     lines = []
-    key = {(r["profile"], r["T"], r["method"]): r for r in rows}
+    key = {(r["profile"], r["T"], r["method"]): r for r in rows if "error" not in r}
     for (pname, T, method), r in key.items():
         if method != "flash_gla (materialized)":
             continue
@@ -242,6 +642,8 @@ def summary(rows) -> list[str]:
         if fa:
             parts.append(f"vs FA2 fwd+bwd x{r['forward_backward_ms'] / fa['forward_backward_ms']:.2f}")
         parts.append(f"fwd / floor x{r['forward_ms'] / r['forward_floor_ms']:.2f}")
+        if "backward_ms" in r and "backward_floor_ms" in r:
+            parts.append(f"bwd {r['backward_ms']:.3f} ms = x{r['backward_ms'] / r['backward_floor_ms']:.2f} its floor")
         lines.append("  ".join(parts))
     return lines
 
@@ -253,19 +655,22 @@ def plot(result: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = result["rows"]
+    rows = [r for r in result["rows"] if "error" not in r]
     profiles = sorted({r["profile"] for r in rows})
-    fig, axes = plt.subplots(len(profiles), 2, figsize=(10, 3.6 * len(profiles)), squeeze=False)
+    panels = [("forward_ms", "forward", "forward_floor_ms"), ("backward_ms", "backward", "backward_floor_ms"),
+              ("forward_backward_ms", "forward + backward", None)]
+    fig, axes = plt.subplots(len(profiles), 3, figsize=(14, 3.6 * len(profiles)), squeeze=False)
     for i, pname in enumerate(profiles):
-        for j, (key, label) in enumerate([("forward_ms", "forward"), ("forward_backward_ms", "forward + backward")]):
+        for j, (key, label, floor) in enumerate(panels):
             ax = axes[i][j]
             for method in dict.fromkeys(r["method"] for r in rows):
-                pts = sorted((r["T"], r[key]) for r in rows if r["profile"] == pname and r["method"] == method)
+                pts = sorted((r["T"], r[key]) for r in rows
+                             if r["profile"] == pname and r["method"] == method and key in r)
                 if pts:
                     ax.plot(*zip(*pts), marker="o", label=method)
-            if key == "forward_ms":
-                pts = sorted((r["T"], r["forward_floor_ms"]) for r in rows
-                             if r["profile"] == pname and r["method"] == "flash_gla (materialized)")
+            if floor:
+                pts = sorted((r["T"], r[floor]) for r in rows
+                             if r["profile"] == pname and r["method"] == "flash_gla (materialized)" and floor in r)
                 if pts:
                     ax.plot(*zip(*pts), "k--", label="memory floor")
             p = PROFILES[pname]
@@ -275,7 +680,7 @@ def plot(result: dict, path: str) -> None:
             ax.set_ylabel("ms (median)")
             ax.set_title(f"{pname}: H={p['H']}, K=V={p['K']}, {p['tokens']} tokens — {label}", fontsize=9)
             ax.grid(True, which="both", alpha=0.3)
-            if i == 0 and j == 1:
+            if i == 0 and j == 2:
                 ax.legend(fontsize=7)
     fig.suptitle(f"GLA kernels on {result['machine']['gpu']}, bf16", fontsize=10)
     fig.tight_layout()
@@ -293,7 +698,28 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="+", help="time only methods whose name starts with one of these (flash_gla, fla, Flash)")
     parser.add_argument("--config", type=json.loads, default=None,
                         help='override flash_gla launch settings, e.g. \'{"warps": 4}\'')
+    parser.add_argument("--sweep", type=json.loads, default=None, metavar="JSON",
+                        help='instead of the benchmark: time these CONFIG variants, e.g. \'[{}, {"bwd_bv": 64}]\' '
+                             "(forward and backward alone at P1/P2 T=16384 and 1024, registers, gradient errors)")
+    parser.add_argument("--rep-ms", type=float, default=TIMING["rep_ms"],
+                        help=f"do_bench repetition time per measurement in ms (default {TIMING['rep_ms']})")
+    parser.add_argument("--offline-registers", action="store_true",
+                        help="no GPU needed: compile every launch for sm_90 here and print registers and spills")
+    parser.add_argument("--layout-check", nargs="?", const="benchmark", choices=[*LAYOUT_SHAPES, "all"],
+                        help="instead of timing: allocate these shapes' inputs first, then forward and backward "
+                             "of each (finite and repeatable?); exit 1 otherwise. Run it under compute-sanitizer")
     args = parser.parse_args(argv)
+    TIMING["rep_ms"] = args.rep_ms
+    if args.offline_registers:
+        from glalearn import flash
+
+        if args.config:
+            flash.CONFIG.update(args.config)
+        result = offline_resources()
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"offline_registers": result, "config": dict(flash.CONFIG)}, f, indent=1)
+        return 0
     if not torch.cuda.is_available():
         print("the kernel benchmark needs a CUDA GPU (chapter 7 reads the committed results instead)")
         return 1
@@ -301,6 +727,25 @@ def main(argv=None) -> int:
 
     if args.config:
         flash.CONFIG.update(args.config)
+    if args.sweep is not None:
+        if not isinstance(args.sweep, list) or not all(isinstance(v, dict) for v in args.sweep):
+            parser.error(f"--sweep must be a JSON list of objects (CONFIG variants), got {args.sweep!r}")
+        unknown = sorted({k for v in args.sweep for k in v} - set(flash.CONFIG))
+        if unknown:
+            parser.error(f"--sweep names CONFIG keys that do not exist: {unknown} (known: {sorted(flash.CONFIG)})")
+        results = sweep(args.sweep)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"sweep": results, "config": dict(flash.CONFIG), "machine": machine(),
+                           "command": "python -m glalearn.bench kernels " + " ".join(argv if argv is not None else sys.argv[1:])},
+                          f, indent=1)
+        return 0
+    if args.layout_check:
+        results = layout_check(args.layout_check, variants=LAYOUT_VARIANTS)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"layout_check": results, "config": dict(flash.CONFIG)}, f, indent=1)
+        return 0 if all(r["finite"] and r["repeatable"] for r in results) else 1
     command = "python -m glalearn.bench kernels " + " ".join(argv if argv is not None else sys.argv[1:])
 
     def save_partial(rows):

@@ -12,9 +12,15 @@ float32 states, and the output kernel with both score paths inline. Non-material
 ``fused_forward_kernel`` keeps the state on-chip and walks the chunks in order, one program per
 (head, V block).
 
-Backward: G by ``chunk_cumsum_kernel``, the chunk states recomputed (never stored by the forward), the
-state gradients walked backwards (``chunk_state_backward_kernel``), then dv and (dq, dk, dg) for all
-chunks in parallel, dg by the gate-gradient trick.
+Backward (segmented, the default): the chunk states recomputed the forward's way (never stored by the
+forward: ``segment_state_kernel``, ``segment_combine_kernel``), the state gradients by the same scheme
+run backwards (``segment_dstate_kernel``, then the combine walk in reverse), then one chunk-parallel
+``chunk_bwd_kernel`` for dq, dk, dg (and dv where the key width fits one block; else
+``chunk_bwd_dv_kernel``), single-product intra-chunk scores, dg by the gate-gradient trick; a second,
+mostly idle launch redoes exactly the chunks whose decay was too strong for the product.
+``CONFIG["bwd_segmented"] = False`` selects the earlier path: G by ``chunk_cumsum_kernel``, one
+sequential state walk each way in float32 (``chunk_state_kernel``, ``chunk_state_backward_kernel``),
+``chunk_dv_kernel`` and ``chunk_dqkg_kernel`` with both score paths inline.
 
 On a CPU the kernels run only in Triton's interpreter: set ``TRITON_INTERPRET=1`` in the environment
 before Triton is first imported.
@@ -51,6 +57,13 @@ from glalearn.forms._contract import check_power_of_two, empty_result, validate
 #   where the products round to bf16 anyway. output_fallback: "defer" (product-only output kernel, then
 #   a launch for the flagged chunks; flag_block flags per program of it) or "inline" (both paths in one
 #   kernel); output_maxnreg: register cap of the product-only kernel for blocks up to 64 wide.
+#   bwd_segmented: the segmented backward (False: the earlier sequential one). bwd_fuse_dv: dv inside
+#   chunk_bwd_kernel when one dqk_bk block holds the whole key width (else chunk_bwd_dv_kernel with
+#   bwd_dv_bk x bwd_dv_bv blocks); bwd_bv: the V block chunk_bwd_kernel walks; bwd_stages: its pipelining
+#   depth; bwd_fallback: "defer" (product-only kernels, then launches for the flagged chunks) or "inline";
+#   bwd_maxnreg: register cap of the product-only kernels (None: none); bwd_dg_scan: the gate gradient's
+#   cumulative sums by tl.cumsum ("cumsum") or as products with triangles of ones ("product": exact with
+#   bf16x3 pieces, but those products cost registers: 188 B of spills at P1 with sm_90 ptxas, vs 0).
 # Float32 inputs always get float32 products. Chapter 7 measures the choices; the benchmark tries
 # variants through this dict (or GLALEARN_FLASH_CONFIG='{"warps": 8}' in the environment).
 CONFIG = {"sub": 16, "bk": 128, "bv": 128, "dqk_bk": 64, "state_bk": 32, "state_bv": 32, "warps": 4, "wide_warps": 8,
@@ -58,7 +71,9 @@ CONFIG = {"sub": 16, "bk": 128, "bv": 128, "dqk_bk": 64, "state_bk": 32, "state_
           "bwd_state_precision": "bf16", "bwd_precision": "bf16", "bwd_intra_precision": "bf16",
           "state_stages": 3, "fused_warps": 8, "fused_stages": 3, "wide_head_block": 64, "fused_bv": None,
           "segment_programs": 256, "segment_bk": 64, "segment_bv": 64, "forward_cumsum": False, "bf16_states": True, "gate_scan": "product",
-          "output_fallback": "defer", "output_maxnreg": 128, "flag_block": 16}
+          "output_fallback": "defer", "output_maxnreg": 128, "flag_block": 16,
+          "bwd_segmented": True, "bwd_fuse_dv": True, "bwd_bv": 32, "bwd_dv_bk": 64, "bwd_dv_bv": 128,
+          "bwd_stages": 2, "bwd_fallback": "defer", "bwd_maxnreg": None, "bwd_dg_scan": "cumsum"}
 CONFIG.update(json.loads(os.environ.get("GLALEARN_FLASH_CONFIG", "{}")))
 # The last compiled kernel of each name (for its register / spill / shared-memory report on a GPU).
 LAST_COMPILED: dict = {}
@@ -81,6 +96,18 @@ def interpreter_active() -> bool:
     return type(chunk_state.chunk_state_kernel).__name__ == "InterpretedFunction"
 
 
+def _check_grid(B: int, T: int, H: int, C: int) -> None:
+    """The chunk-parallel launches put the chunks on the grid's second axis and the (batch, head) pairs
+    on its third; CUDA allows at most 65,535 programs along each of those."""
+    if B * H > 65535:
+        raise ValueError(f"flash_gla launches one program row per (batch, head) pair, at most 65,535 of them; "
+                         f"got B * H = {B} * {H} = {B * H}. Split the batch into calls of at most {65535 // H} sequences.")
+    if -(-T // C) > 65535:
+        raise ValueError(f"flash_gla launches one program per chunk of chunk_size = {C} tokens, at most 65,535 "
+                         f"chunks per sequence; got T = {T} ({-(-T // C)} chunks). Use a larger chunk_size or "
+                         "split the sequence (pass the final state on as initial_state).")
+
+
 def _check_device(q: torch.Tensor) -> None:
     if q.device.type == "cuda" or interpreter_active():
         return
@@ -93,6 +120,22 @@ def _check_device(q: torch.Tensor) -> None:
     )
 
 
+def launch_blocks(K: int, V: int, config: dict | None = None) -> dict:
+    """The block sizes the launches use for heads of K x V channels under ``config`` (default CONFIG),
+    without touching a kernel (the cost model of ``glalearn.bench_kernels`` reads them too):
+    BK, BV (chunk-parallel kernels), SBK, SBV (the sequential passes), segment_bk, segment_bv (the
+    segmented passes), DBK (chunk_dqkg_kernel / chunk_bwd_kernel), BBV (chunk_bwd_kernel's V block),
+    fuse_dv (dv computed inside chunk_bwd_kernel)."""
+    c = CONFIG if config is None else config
+    kp, vp = max(16, _next_power_of_two(K)), max(16, _next_power_of_two(V))
+    bk, bv = (c["bk"], c["bv"]) if max(K, V) <= 128 else (c["wide_head_block"],) * 2
+    DBK = min(c["dqk_bk"], kp)
+    return {"BK": min(bk, kp), "BV": min(bv, vp), "SBK": min(c["state_bk"], kp), "SBV": min(c["state_bv"], vp),
+            "segment_bk": min(c["segment_bk"], kp), "segment_bv": min(c["segment_bv"], vp), "DBK": DBK,
+            "BBV": min(c["bwd_bv"], vp), "fuse_dv": bool(c["bwd_fuse_dv"]) and -(-K // DBK) == 1,
+            "DVBK": min(c["bwd_dv_bk"], kp), "DVBV": min(c["bwd_dv_bv"], vp)}
+
+
 def _config(K: int, V: int, dtype: torch.dtype):
     """Blocks (BK, BV of the chunk-parallel kernels, SBK, SBV of the state passes) and precision.
 
@@ -102,12 +145,8 @@ def _config(K: int, V: int, dtype: torch.dtype):
     products): 167k tokens/s with 64-blocks against 85k with 128-blocks for the model benchmark's
     K = 128, V = 256 heads. With bf16 inputs (the layer's behaviour since) 128-blocks measured 3%
     faster on the H200 (310.9k vs 301.1k tokens/s at T = 4096); kernels/NOTES.md has both."""
-    bk, bv = (CONFIG["bk"], CONFIG["bv"]) if max(K, V) <= 128 else (CONFIG["wide_head_block"],) * 2
-    BK = min(bk, max(16, _next_power_of_two(K)))
-    BV = min(bv, max(16, _next_power_of_two(V)))
-    SBK = min(CONFIG["state_bk"], max(16, _next_power_of_two(K)))
-    SBV = min(CONFIG["state_bv"], max(16, _next_power_of_two(V)))
-    return BK, BV, SBK, SBV, _precision(dtype, CONFIG["precision"])
+    b = launch_blocks(K, V)
+    return b["BK"], b["BV"], b["SBK"], b["SBV"], _precision(dtype, CONFIG["precision"])
 
 
 def _warps(key: str, *blocks: int) -> int:
@@ -176,32 +215,30 @@ def _gate_scan(g_dtype: torch.dtype) -> str:
     return "bf16" if g_dtype == torch.bfloat16 else "bf16x3"
 
 
-def segment_length(B, H, K, V, N, SBK, SBV) -> int:
+def segment_length(B, H, K, V, N, SBK, SBV, config: dict | None = None) -> int:
     """Chunks per segment of the segmented state pass: the longest that still gives every state block
     CONFIG["segment_programs"] programs in all (at least one chunk, at most N)."""
+    c = CONFIG if config is None else config
     blocks = B * H * (-(-K // SBK)) * (-(-V // SBV))
-    segments = min(N, max(1, -(-CONFIG["segment_programs"] // blocks)))
+    segments = min(N, max(1, -(-c["segment_programs"] // blocks)))
     return -(-N // segments)
 
 
-def _segmented_forward(q, k, v, g, scale, initial_state, C, L, output_final_state):
-    """The materialized forward with the segmented state pass (kernels/chunk_state.py): segment-local
-    states in parallel, a walk over segments, then every chunk's output. Returns (o, final, G)."""
-    chunk_state, chunk_output, *_ = _kernels()
-    B, T, H, K = q.shape
+def _segment_blocks(K, V):
+    """State blocks of the segmented passes (forward and backward share them, and so their segments)."""
+    b = launch_blocks(K, V)
+    return b["segment_bk"], b["segment_bv"]
+
+
+def _segment_pass(k, v, gates, initial_state, C, SBK, SBV, SEG, precision, h_dtype, cumulative, scan, output_final):
+    """The segmented state pass (kernels/chunk_state.py): (L [B, H, N, K, V] in h_dtype, Λ [B, H, N, K],
+    the states entering the segments [B, H, NSEG, K, V], the segments' decays [B, H, NSEG, K], S_T or None)."""
+    chunk_state, *_ = _kernels()
+    B, T, H, K = k.shape
     V = v.shape[-1]
     N = -(-T // C)
-    BK, BV, _, _, precision = _config(K, V, q.dtype)
-    SBK = min(CONFIG["segment_bk"], max(16, _next_power_of_two(K)))
-    SBV = min(CONFIG["segment_bv"], max(16, _next_power_of_two(V)))
-    SEG = segment_length(B, H, K, V, N, SBK, SBV)
     NSEG = -(-N // SEG)
-    dev = q.device
-    # Segment-local states in bfloat16 when the products round their operands to bfloat16 anyway.
-    h_dtype = torch.bfloat16 if precision in ("bf16", "bf16_round") and CONFIG["bf16_states"] else torch.float32
-    G = chunk_cumulative_gates(g, C) if CONFIG["forward_cumsum"] else None
-    gates = g if G is None else G
-    scan = _gate_scan(g.dtype)
+    dev = k.device
     h = torch.empty(B, H, N, K, V, dtype=h_dtype, device=dev)
     lam = torch.empty(B, H, N, K, dtype=torch.float32, device=dev)
     ends = torch.empty(B, H, NSEG, K, V, dtype=torch.float32, device=dev)
@@ -209,16 +246,41 @@ def _segmented_forward(q, k, v, g, scale, initial_state, C, L, output_final_stat
     state_grid = (-(-K // SBK), -(-V // SBV))
     LAST_COMPILED["segment_state_kernel"] = chunk_state.segment_state_kernel[(*state_grid, B * H * NSEG)](
         k, v, gates, h, lam, ends, seg_decay, T, SEG, NSEG, H=H, K=K, V=V, C=C, BK=SBK, BV=SBV,
-        PRECISION=precision, CUMULATIVE=G is not None, SCAN=scan,
+        PRECISION=precision, CUMULATIVE=cumulative, SCAN=scan,
         num_warps=CONFIG["state_warps"], num_stages=CONFIG["state_stages"],
     )
     hs = torch.empty(B, H, NSEG, K, V, dtype=torch.float32, device=dev)
-    final = torch.empty(B, H, K, V, dtype=torch.float32, device=dev) if output_final_state else None
+    final = torch.empty(B, H, K, V, dtype=torch.float32, device=dev) if output_final else None
     LAST_COMPILED["segment_combine_kernel"] = chunk_state.segment_combine_kernel[(*state_grid, B * H)](
         ends, seg_decay, initial_state if initial_state is not None else hs, hs, final if final is not None else hs,
         NSEG, K=K, V=V, BK=SBK, BV=SBV, USE_H0=initial_state is not None, STORE_FINAL=final is not None,
         num_warps=4, num_stages=3,
     )
+    return h, lam, hs, seg_decay, final
+
+
+def _state_dtype(precision: str) -> torch.dtype:
+    """Segment-local states in bfloat16 when the products round their operands to bfloat16 anyway."""
+    return torch.bfloat16 if precision in ("bf16", "bf16_round") and CONFIG["bf16_states"] else torch.float32
+
+
+def _segmented_forward(q, k, v, g, scale, initial_state, C, L, output_final_state):
+    """The materialized forward with the segmented state pass (kernels/chunk_state.py): segment-local
+    states in parallel, a walk over segments, then every chunk's output. Returns (o, final, G)."""
+    _, chunk_output, *_ = _kernels()
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    N = -(-T // C)
+    BK, BV, _, _, precision = _config(K, V, q.dtype)
+    SBK, SBV = _segment_blocks(K, V)
+    SEG = segment_length(B, H, K, V, N, SBK, SBV)
+    dev = q.device
+    h_dtype = _state_dtype(precision)
+    G = chunk_cumulative_gates(g, C) if CONFIG["forward_cumsum"] else None
+    gates = g if G is None else G
+    scan = _gate_scan(g.dtype)
+    h, lam, hs, _, final = _segment_pass(k, v, gates, initial_state, C, SBK, SBV, SEG, precision, h_dtype,
+                                         G is not None, scan, output_final_state)
     o = torch.empty_like(v)
     fallback = CONFIG["output_fallback"]
     flags = torch.empty(B, H, N, dtype=torch.int32, device=dev) if fallback == "defer" else o
@@ -234,7 +296,7 @@ def _segmented_forward(q, k, v, g, scale, initial_state, C, L, output_final_stat
     )
     if fallback == "defer":  # the chunks whose decay span ruled out the product, done exactly
         total, block = B * H * N, CONFIG["flag_block"]
-        LAST_COMPILED["chunk_output_kernel (flagged)"] = chunk_output.chunk_output_kernel[(-(-V // BV), -(-total // block), 1)](
+        LAST_COMPILED["chunk_output_kernel (flagged)"] = chunk_output.chunk_output_kernel[(-(-total // block), -(-V // BV))](
             q, k, v, gates, h, o, hs, lam, flags, scale, T, SEG, FALLBACK="flagged", TOTAL=total,
             FLAG_BLOCK=block, **common,
         )
@@ -279,13 +341,92 @@ def flash_forward(q, k, v, g, scale, initial_state, chunk_size, materialize, out
     return o, final, None
 
 
+def _dg_scan(dtype: torch.dtype) -> str:
+    """How chunk_bwd_kernel takes the gate gradient's cumulative sums: "cumsum" (tl.cumsum) or a product
+    with a triangle of ones, float32-exact: "ieee" under the interpreter, three bf16 pieces on a GPU."""
+    if CONFIG["bwd_dg_scan"] == "cumsum":
+        return "cumsum"
+    return "ieee" if interpreter_active() else "bf16x3"
+
+
+def _segmented_backward(q, k, v, g, do, dht, scale, initial_state, C, L):
+    """The segmented backward (kernels/backward.py): states and state gradients by segments, then every
+    chunk's gradients at once. Returns (dq, dk, dv, dg, dh0 or None)."""
+    chunk_state, _, _, backward = _kernels()
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    N = -(-T // C)
+    dev = q.device
+    state_precision = _precision(q.dtype, CONFIG["bwd_state_precision"])
+    precision = _precision(q.dtype, CONFIG["bwd_precision"])
+    intra = _precision(q.dtype, CONFIG["bwd_intra_precision"])
+    SBK, SBV = _segment_blocks(K, V)
+    SEG = segment_length(B, H, K, V, N, SBK, SBV)
+    NSEG = -(-N // SEG)
+    h_dtype = _state_dtype(state_precision)
+    scan = _gate_scan(g.dtype)
+    h, lam, hs, seg_decay, _ = _segment_pass(k, v, g, initial_state, C, SBK, SBV, SEG, state_precision, h_dtype,
+                                             False, scan, False)
+    # The state gradients: segments walked backwards from zero at once, then the walk over segments.
+    state_grid = (-(-K // SBK), -(-V // SBV))
+    dh = torch.empty(B, H, N, K, V, dtype=h_dtype, device=dev)
+    lamb = torch.empty(B, H, N, K, dtype=torch.float32, device=dev)
+    ends = torch.empty(B, H, NSEG, K, V, dtype=torch.float32, device=dev)
+    LAST_COMPILED["segment_dstate_kernel"] = backward.segment_dstate_kernel[(*state_grid, B * H * NSEG)](
+        q, g, do, dh, lamb, ends, scale, T, SEG, NSEG, H=H, K=K, V=V, C=C, BK=SBK, BV=SBV,
+        PRECISION=state_precision, SCAN=scan, num_warps=CONFIG["state_warps"], num_stages=CONFIG["state_stages"],
+    )
+    dhs = torch.empty(B, H, NSEG, K, V, dtype=torch.float32, device=dev)
+    dh0 = torch.empty(B, H, K, V, dtype=torch.float32, device=dev) if initial_state is not None else None
+    LAST_COMPILED["segment_combine_kernel (reverse)"] = chunk_state.segment_combine_kernel[(*state_grid, B * H)](
+        ends, seg_decay, dht if dht is not None else dhs, dhs, dh0 if dh0 is not None else dhs, NSEG, K=K, V=V,
+        BK=SBK, BV=SBV, USE_H0=dht is not None, STORE_FINAL=dh0 is not None, REVERSE=True, num_warps=4, num_stages=3,
+    )
+    # Every chunk's gradients.
+    blocks = launch_blocks(K, V)
+    DBK, BBV, fuse = blocks["DBK"], blocks["BBV"], blocks["fuse_dv"]
+    NK = -(-K // DBK)
+    fallback = CONFIG["bwd_fallback"]
+    dq, dk, dv, dg = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g)
+    total, block = B * H * N * NK, CONFIG["flag_block"]
+    flags = torch.empty(total, dtype=torch.int32, device=dev) if fallback == "defer" else dq
+    cap = {"maxnreg": CONFIG["bwd_maxnreg"]} if CONFIG["bwd_maxnreg"] and fallback == "defer" else {}
+    common = {"H": H, "K": K, "V": V, "C": C, "L": L, "BK": DBK, "BV": BBV, "SPAN_MAX": float(CONFIG["span_max"]),
+              "PRECISION": precision, "INTRA_PRECISION": intra, "SCAN": scan, "DG_SCAN": _dg_scan(q.dtype),
+              "FUSE_DV": fuse, "num_warps": _warps("bwd_warps", DBK, BBV), "num_stages": CONFIG["bwd_stages"]}
+    args = (q, k, v, g, do, h, lam, hs, dh, lamb, dhs, dq, dk, dv, dg, flags, scale, T, SEG)
+    LAST_COMPILED[f"chunk_bwd_kernel ({fallback})"] = backward.chunk_bwd_kernel[(NK, N, B * H)](
+        *args, FALLBACK=fallback, **common, **cap)
+    if fallback == "defer":
+        LAST_COMPILED["chunk_bwd_kernel (flagged)"] = backward.chunk_bwd_kernel[(-(-total // block),)](
+            *args, FALLBACK="flagged", TOTAL=total, FLAG_BLOCK=block, **common)
+    if not fuse:
+        total_dv = B * H * N
+        flags_dv = torch.empty(total_dv, dtype=torch.int32, device=dev) if fallback == "defer" else dv
+        DVBK, DVBV = blocks["DVBK"], blocks["DVBV"]
+        dv_common = {"H": H, "K": K, "V": V, "C": C, "L": L, "BK": DVBK, "BV": DVBV,
+                     "SPAN_MAX": float(CONFIG["span_max"]), "PRECISION": precision, "SCAN": scan,
+                     "num_warps": _warps("bwd_warps", DVBK, DVBV), "num_stages": CONFIG["bwd_stages"]}
+        dv_args = (q, k, g, do, dh, lamb, dhs, dv, flags_dv, scale, T, SEG)
+        LAST_COMPILED[f"chunk_bwd_dv_kernel ({fallback})"] = backward.chunk_bwd_dv_kernel[(-(-V // DVBV), N, B * H)](
+            *dv_args, FALLBACK=fallback, **dv_common, **cap)
+        if fallback == "defer":
+            LAST_COMPILED["chunk_bwd_dv_kernel (flagged)"] = backward.chunk_bwd_dv_kernel[
+                (-(-total_dv // block), -(-V // DVBV))](*dv_args, FALLBACK="flagged", TOTAL=total_dv, FLAG_BLOCK=block,
+                                                      **dv_common)
+    return dq, dk, dv, dg, dh0
+
+
 def flash_backward(q, k, v, g, do, dht, scale, initial_state, chunk_size, G=None):
     """Gradients (dq, dk, dv, dg, d initial_state or None) for contiguous inputs and output gradient.
-    G: the chunk-local cumulative gates if the forward kept them (computed here otherwise)."""
+    G: the chunk-local cumulative gates if the forward kept them (the sequential path computes them
+    otherwise; the segmented path scans the gates inside its kernels)."""
     *_, backward = _kernels()
     B, T, H, K = q.shape
     V = v.shape[-1]
     C, L = chunk_size, min(CONFIG["sub"], chunk_size)
+    if CONFIG["bwd_segmented"]:
+        return _segmented_backward(q, k, v, g, do, dht, scale, initial_state, C, L)
     N = -(-T // C)
     BK, BV, SBK, SBV, _ = _config(K, V, q.dtype)
     # The gate gradient sums terms that cancel: CONFIG may ask for float32-exact products ("tf32x3").
@@ -383,6 +524,7 @@ def flash_gla(
     if not isinstance(materialize, bool):
         raise TypeError(f"materialize must be True or False, got {materialize!r}")
     _check_device(q)
+    _check_grid(info.B, info.T, info.H, chunk_size)
     if info.T == 0:
         return empty_result(q, v, initial_state, output_final_state, info)
     S0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()

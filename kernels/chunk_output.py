@@ -42,10 +42,10 @@ def chunk_output_kernel(
                   chunks inline, overwriting o. Few programs: a launch of one program per chunk, each
                   holding the exact path's registers only to read a flag, cost 37 µs at P1 (H200).
     """
-    i_v = tl.program_id(0)
     N = tl.cdiv(T, C)
-    if FALLBACK == "flagged":
-        first = tl.program_id(1).to(tl.int64) * FLAG_BLOCK
+    if FALLBACK == "flagged":  # program_id(0): the block of flags (the grid's widest axis), (1): the V block
+        i_v = tl.program_id(1)
+        first = tl.program_id(0).to(tl.int64) * FLAG_BLOCK
         ids = first + tl.arange(0, FLAG_BLOCK)
         flagged = tl.load(flags + ids, mask=ids < TOTAL, other=0)
         if tl.max(flagged, axis=0) != 0:
@@ -56,7 +56,7 @@ def chunk_output_kernel(
                                  H, K, V, C, L, BK, BV, SPAN_MAX, PRECISION, CUMULATIVE, SCAN,
                                  SEGMENTED, True)
     else:
-        i_n, i_bh = tl.program_id(1), tl.program_id(2).to(tl.int64)
+        i_v, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
         chunk_output(q, k, v, g, h, o, hs, lam, flags, i_v, i_n, i_bh, scale, T, SEG, H, K, V, C, L, BK, BV,
                      SPAN_MAX, PRECISION, CUMULATIVE, SCAN, SEGMENTED, FALLBACK == "inline")
 

@@ -137,9 +137,14 @@ def segment_combine_kernel(
     ends, seg_decay, h0, hs, ht,  # ends [B, H, NSEG, K, V]; seg_decay [B, H, NSEG, K]; h0, ht [B, H, K, V];
     NSEG, K: tl.constexpr, V: tl.constexpr,  # hs [B, H, NSEG, K, V]: the state entering each segment
     BK: tl.constexpr, BV: tl.constexpr, USE_H0: tl.constexpr, STORE_FINAL: tl.constexpr,
+    REVERSE: tl.constexpr = False,
 ):
     """S_{n0} of every segment by the recurrence over segments, S ← Diag(exp(Λ)) S + L_end, from S_0
-    (h0, or zero); the state after the last segment is the final state. All float32."""
+    (h0, or zero); the state after the last segment is the final state. All float32.
+
+    REVERSE (the backward's state gradients, ``backward.segment_dstate_kernel``): the same walk from the
+    last segment to the first, dS ← Diag(exp(Λ)) dS + dL_start, from dS_N (h0 here: the final state's
+    gradient, or zero): hs[s] = the gradient reaching the state that leaves segment s; ht = dS_0."""
     i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     rk = i_k * BK + tl.arange(0, BK)
     rv = i_v * BV + tl.arange(0, BV)
@@ -149,7 +154,10 @@ def segment_combine_kernel(
         state = tl.load(h0 + i_bh * K * V + state_offsets, mask=state_mask, other=0.0).to(tl.float32)
     else:
         state = tl.zeros((BK, BV), dtype=tl.float32)
-    for s in range(NSEG):
+    for t in range(NSEG):
+        s = t
+        if REVERSE:
+            s = NSEG - 1 - t
         tl.store(hs + (i_bh * NSEG + s) * K * V + state_offsets, state, mask=state_mask)
         decay = tl.load(seg_decay + (i_bh * NSEG + s) * K + rk, mask=rk < K, other=0.0)
         end = tl.load(ends + (i_bh * NSEG + s) * K * V + state_offsets, mask=state_mask, other=0.0)

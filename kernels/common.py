@@ -29,21 +29,30 @@ def load_tile(base, row0, col0, T, D, stride_t, ROWS: tl.constexpr, COLS: tl.con
     """Rows row0..row0+ROWS, columns col0..col0+COLS of a [T, D] matrix with row stride ``stride_t``.
 
     Rows past T and columns past D read as 0 (so a padded gate is g = 0: no decay). Returns float32.
+    The tile's first row is added to the pointer in int64 (row0 · stride_t passes 2^31 once
+    T · H · K does); the offsets inside the tile stay small.
     """
-    rows = row0 + tl.arange(0, ROWS)
+    return load_rows(base, row0, col0, T, D, stride_t, ROWS, COLS).to(tl.float32)
+
+
+@triton.jit
+def load_rows(base, row0, col0, T, D, stride_t, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """:func:`load_tile` in the buffer's own dtype (for tiles that only feed products)."""
+    rows = tl.arange(0, ROWS)
     cols = col0 + tl.arange(0, COLS)
-    mask = (rows < T)[:, None] & (cols < D)[None, :]
-    x = tl.load(base + rows[:, None] * stride_t + cols[None, :], mask=mask, other=0.0)
-    return x.to(tl.float32)
+    mask = ((row0 + rows) < T)[:, None] & (cols < D)[None, :]
+    start = base + tl.cast(row0, tl.int64) * stride_t
+    return tl.load(start + rows[:, None] * stride_t + cols[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
 def store_tile(base, x, row0, col0, T, D, stride_t, ROWS: tl.constexpr, COLS: tl.constexpr):
     """Write the valid part (rows < T, columns < D) of the tile x, cast to the buffer's dtype."""
-    rows = row0 + tl.arange(0, ROWS)
+    rows = tl.arange(0, ROWS)
     cols = col0 + tl.arange(0, COLS)
-    mask = (rows < T)[:, None] & (cols < D)[None, :]
-    tl.store(base + rows[:, None] * stride_t + cols[None, :], x.to(base.dtype.element_ty), mask=mask)
+    mask = ((row0 + rows) < T)[:, None] & (cols < D)[None, :]
+    start = base + tl.cast(row0, tl.int64) * stride_t
+    tl.store(start + rows[:, None] * stride_t + cols[None, :], x.to(base.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -67,7 +76,7 @@ def load_gate(g_base, row0, col0, T, D, stride_t, ROWS: tl.constexpr, COLS: tl.c
     if CUMULATIVE:
         G = load_tile(g_base, row0, col0, T, D, stride_t, ROWS, COLS)
         cols = col0 + tl.arange(0, COLS)
-        last = tl.minimum(row0 + ROWS, T) - 1
+        last = tl.cast(tl.minimum(row0 + ROWS, T) - 1, tl.int64)
         gamma = tl.load(g_base + last * stride_t + cols, mask=cols < D, other=0.0).to(tl.float32)
         rows = row0 + tl.arange(0, ROWS)
         G = tl.where((rows < T)[:, None], G, gamma[None, :])
@@ -89,13 +98,29 @@ def cumsum_by_product(x, ROWS: tl.constexpr, SCAN: tl.constexpr):
     values, so one bf16 product is exact, sums in float32); "bf16x3" (x split into three bfloat16
     pieces, hi + mid + lo, which carry float32's 24 bits: three exact products).
     """
+    return triangle_sum(x, tl.zeros_like(x), ROWS, "inclusive", SCAN)
+
+
+@triton.jit
+def triangle_sum(x, acc, ROWS: tl.constexpr, KIND: tl.constexpr, SCAN: tl.constexpr):
+    """acc + M @ x for a triangle M of ones: a cumulative sum along the rows of the float32 tile x.
+
+    KIND: "inclusive" (out_i = Σ_{j<=i} x_j), "exclusive" (Σ_{j<i}) or "reverse" (Σ_{j>=i}).
+    SCAN as in :func:`cumsum_by_product` ("ieee", "bf16", "bf16x3"; "tf32" too).
+    """
     rows = tl.arange(0, ROWS)
-    tril = tl.where(rows[:, None] >= rows[None, :], 1.0, 0.0)
-    if SCAN == "ieee":
-        return tl.dot(tril, x, input_precision="ieee")
-    ones = tril.to(tl.bfloat16)
+    if KIND == "inclusive":
+        keep = rows[:, None] >= rows[None, :]
+    elif KIND == "exclusive":
+        keep = rows[:, None] > rows[None, :]
+    else:
+        keep = rows[:, None] <= rows[None, :]
+    tri = tl.where(keep, 1.0, 0.0)
+    if SCAN == "ieee" or SCAN == "tf32":
+        return tl.dot(tri, x, acc, input_precision=SCAN)
+    ones = tri.to(tl.bfloat16)
     hi = x.to(tl.bfloat16)
-    out = tl.dot(ones, hi)
+    out = tl.dot(ones, hi, acc)
     if SCAN == "bf16x3":
         rest = x - hi.to(tl.float32)
         mid = rest.to(tl.bfloat16)
@@ -242,13 +267,25 @@ def mm(a, b, acc, PRECISION: tl.constexpr):
     rounded to bfloat16, the tensor cores' fastest path; bf16 keeps float32's exponent range).
     "bf16_round" is "bf16" for Triton's interpreter, whose bfloat16 products are not right: round the
     operands to bfloat16, multiply them in float32 (what the tensor cores compute: products of bf16
-    values are exact in float32, sums accumulate in float32)."""
+    values are exact in float32, sums accumulate in float32). a and b may be float32 tiles or tiles in
+    their buffer's dtype (``load_rows``)."""
     if PRECISION == "bf16":
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
     elif PRECISION == "bf16_round":
-        return tl.dot(round_to_bf16(a), round_to_bf16(b), acc, input_precision="ieee")
+        return tl.dot(round_to_bf16(a.to(tl.float32)), round_to_bf16(b.to(tl.float32)), acc, input_precision="ieee")
+    else:  # operands may come in their buffer's dtype (load_rows): one dtype for both
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
+
+
+@triton.jit
+def operand(x, PRECISION: tl.constexpr):
+    """x kept as an operand of ``mm(..., PRECISION)``: in bfloat16 where the product rounds its operands
+    to bfloat16 anyway (the same product, half the registers to hold it), else as it is."""
+    if PRECISION == "bf16":
+        y = x.to(tl.bfloat16)
     else:
-        return tl.dot(a, b, acc, input_precision=PRECISION)
+        y = x
+    return y
 
 
 @triton.jit

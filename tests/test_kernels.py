@@ -234,3 +234,171 @@ def test_segmented_state_pass(flash_config, programs, seg, forward_cumsum):
         assert flash.segment_length(1, 2, 60, 20, 9, 32, 32) == seg
     _check_against_reference(1, 130, 2, 60, 20, True, True, 1.0, 16, seed=31)
     _check_against_reference(1, 130, 2, 60, 20, True, False, 16.0, 16, seed=32)
+
+
+def _check_gradients(B, T, H, K, V, h0, norm, C, seed, final_grad=True, inputs=None):
+    """flash_gla's gradients (and o, S_T) against the float64 recurrence; final_grad=False leaves the
+    final state out of the loss (no gradient reaches it)."""
+    from glalearn import flash_gla
+
+    if inputs is None:
+        inputs = random_gla_inputs(B=B, T=T, H=H, K=K, V=V, gate_normalizer=norm, seed=seed, initial_state=h0)
+    x = {n: t.clone().requires_grad_() for n, t in inputs.items()}
+    o, s = flash_gla(**x, output_final_state=True, chunk_size=C)
+    x64 = {n: t.double().requires_grad_() for n, t in inputs.items()}
+    o_ref, s_ref = recurrent_gla(**x64, output_final_state=True)
+    assert relative_rmse(o, o_ref) <= TOL and relative_rmse(s, s_ref) <= TOL
+    do, ds = torch.randn_like(o_ref), torch.randn_like(s_ref)
+    loss, loss_ref = (o.double() * do).sum(), (o_ref * do).sum()
+    if final_grad:
+        loss, loss_ref = loss + (s.double() * ds).sum(), loss_ref + (s_ref * ds).sum()
+    loss.backward()
+    loss_ref.backward()
+    for name, leaf in x.items():
+        err = relative_rmse(leaf.grad, x64[name].grad)
+        assert torch.isfinite(leaf.grad).all() and err <= TOL, (name, err)
+
+
+@pytest.mark.parametrize("programs, seg", [(1, 9), (20, 2), (10**6, 1)])
+@pytest.mark.parametrize("dqk_bk", [64, 32])
+def test_segmented_backward(flash_config, programs, seg, dqk_bk):
+    """The segmented backward (kernels/backward.py): chunk states and state gradients by segments walked
+    at once from zero and joined by walks over the segments, then every chunk's gradients in one kernel.
+    Exact for one segment (the whole sequence), segments of two chunks with a shorter last one, and one
+    chunk per segment; with and without S_0, with and without a gradient on the final state; the whole
+    key width in one block (dv inside chunk_bwd_kernel) and in two (dv by chunk_bwd_dv_kernel)."""
+    from glalearn import flash
+
+    flash_config.update(segment_programs=programs, segment_bk=32, segment_bv=32, dqk_bk=dqk_bk)
+    # T = 130, C = 16: N = 9 chunks; B = 1, H = 2, K = 60, V = 20 in 32 x 32 state blocks: 4 blocks
+    assert flash.segment_length(1, 2, 60, 20, 9, 32, 32) == seg
+    assert flash.launch_blocks(60, 20)["fuse_dv"] == (dqk_bk == 64)
+    _check_gradients(1, 130, 2, 60, 20, True, 1.0, 16, seed=41)
+    _check_gradients(1, 130, 2, 60, 20, False, 16.0, 16, seed=42, final_grad=False)
+    assert "chunk_bwd_kernel (defer)" in flash.LAST_COMPILED and "segment_dstate_kernel" in flash.LAST_COMPILED
+    assert ("chunk_bwd_dv_kernel (defer)" in flash.LAST_COMPILED) == (dqk_bk == 32)
+
+
+@pytest.mark.parametrize("variant", [{}, {"dqk_bk": 16}, {"bwd_fallback": "inline"}, {"bwd_dg_scan": "product"},
+                                     {"bwd_segmented": False}])
+def test_backward_on_mixed_gates(flash_config, variant):
+    """Chunks of mild gates, of g = -30 (span far past SPAN_MAX: the flagged launch redoes them exactly)
+    and of a few hard-decaying channels, K = 32: every backward variant stays exact."""
+    flash_config.update(segment_programs=4, **variant)
+    inputs = random_gla_inputs(B=1, T=200, H=1, K=32, V=16, gate_normalizer=16.0, seed=8, initial_state=True)
+    inputs["g"][:, 64:128] = -30.0
+    inputs["g"][:, 128:192, :, :3] = -2.0
+    _check_gradients(None, None, None, None, None, None, None, 64, seed=None, inputs=inputs)
+
+
+def test_backward_guard_is_needed(flash_config):
+    """Without the guard (every chunk forced onto the single product) the backward of g = -30 chunks is
+    not finite or far off: the flagged launch is what makes test_backward_on_mixed_gates pass."""
+    from glalearn import flash_gla
+
+    inputs = random_gla_inputs(B=1, T=128, H=1, K=16, V=16, seed=9)
+    inputs["g"][:, 64:] = -30.0
+    x64 = {n: t.double().requires_grad_() for n, t in inputs.items()}
+    recurrent_gla(**x64)[0].sum().backward()
+    flash_config["span_max"] = 1e30
+    x = {n: t.clone().requires_grad_() for n, t in inputs.items()}
+    flash_gla(**x)[0].sum().backward()
+    dk = x["k"].grad
+    assert not torch.isfinite(dk).all() or relative_rmse(dk, x64["k"].grad) > 1e-2
+    assert relative_rmse(dk[:, :64], x64["k"].grad[:, :64]) <= TOL  # the mild first chunk is right
+
+
+def test_cost_model_names_the_launches_and_counts_the_floor(flash_config):
+    """kernel_costs (glalearn.bench_kernels) counts one entry per kernel that flash_gla launches, forward
+    and backward, for both backward designs; its floors are the bytes of the inputs and outputs."""
+    from glalearn import flash, flash_gla
+    from glalearn.bench_kernels import kernel_costs
+
+    def launched():
+        return {name.split(" (")[0] + (" (reverse)" if name.endswith("(reverse)") else "") for name in flash.LAST_COMPILED}
+
+    for segmented in (True, False):
+        flash_config.update(bwd_segmented=segmented, dqk_bk=16)
+        flash.LAST_COMPILED.clear()
+        x = {n: t.requires_grad_() for n, t in random_gla_inputs(B=1, T=70, H=1, K=32, V=16, seed=3).items()}
+        flash_gla(**x)[0].sum().backward()
+        costs = kernel_costs(1, 70, 1, 32, 16, e=4)
+        assert launched() == set(costs["forward"]) | set(costs["backward"])
+        assert costs["design"]["backward"] == ("segmented" if segmented else "sequential")
+    flash_config.update(bwd_segmented=True, dqk_bk=64)
+    c = kernel_costs(4, 16384, 16, 64, 64, e=2)  # P1: read q, k, v, g, dO, write dq, dk, dv, dg (bf16)
+    assert c["backward_floor_bytes"] == 4 * 16384 * 16 * 2 * (6 * 64 + 3 * 64)
+    assert c["forward_floor_bytes"] == 4 * 16384 * 16 * 2 * (3 * 64 + 2 * 64)
+    old = kernel_costs(4, 16384, 16, 64, 64, e=2, config={**flash.CONFIG, "bwd_segmented": False})
+    assert c["backward_bytes"] < old["backward_bytes"] / 1.5
+    assert c["backward_floor_bytes"] < c["backward_bytes"]
+
+
+def test_grid_limits_get_a_clear_error():
+    from glalearn import flash_gla
+
+    x = random_gla_inputs(B=65536, T=1, H=1, K=16, V=16, seed=5)
+    with pytest.raises(ValueError, match="B \\* H = 65536"):
+        flash_gla(**x)
+
+
+def test_layout_check_runs_every_strategy():
+    """The layout check of glalearn.bench_kernels (run on a GPU under compute-sanitizer) on a tiny shape
+    here: inputs allocated first, forward and backward of both strategies, finite and repeatable."""
+    from glalearn.bench_kernels import layout_check
+
+    shapes = [("tiny", 1, 130, 2, 20, 16, True, True), ("tiny, no S_0", 2, 70, 1, 16, 20, False, False)]
+    results = layout_check(shapes, repeats=2, device="cpu", variants=({}, {"bwd_segmented": False}), log=lambda *_: None)
+    assert [(r["shape"], r["materialize"]) for r in results] == 2 * [
+        ("tiny", True), ("tiny", False), ("tiny, no S_0", True), ("tiny, no S_0", False)]
+    assert all(r["finite"] and r["repeatable"] for r in results)
+
+
+@pytest.mark.slow
+def test_every_launch_compiles_for_sm90_without_spilling_the_fast_kernels(tmp_path):
+    """Triton compiles for an sm_90 GPU on this CPU machine (no GPU needed): every launch flash_gla makes
+    (forward and backward, P1 and P2 shapes) must compile — the interpreter accepts code the compiler
+    rejects — and the product-only kernels must spill at most 64 bytes (the forward's output kernel under
+    its 128-register cap: 48; the backward's: 0; kernels/NOTES.md, v5)."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "registers.json"
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    res = subprocess.run([sys.executable, "-m", "glalearn.bench", "kernels", "--offline-registers", "--out", str(out)],
+                         env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    reports = json.loads(out.read_text())["offline_registers"]
+    assert set(reports) == {"P1 T=4096", "P2 T=4096"}
+    for shape, launches in reports.items():
+        assert "chunk_bwd_kernel (defer)" in launches and "segment_dstate_kernel" in launches, shape
+        for name, r in launches.items():
+            assert "error" not in r, (shape, name, r)
+            if "flagged" not in name:  # the exact path's launches may spill: they run only for flagged chunks
+                assert r["spill_store_bytes"] <= 64, (shape, name, r)
+
+
+def test_sweep_records_each_variant_and_restores_the_config():
+    """bench kernels --sweep on tiny inputs here (a counting timer instead of do_bench): one record per
+    variant with its gradient errors (bf16 inputs with mixed gates, against float64), a failing variant
+    recorded with its error, CONFIG as it was afterwards."""
+    from glalearn import flash
+    from glalearn.bench_kernels import sweep
+
+    before = dict(flash.CONFIG)
+    calls = []
+
+    def timer(fn):
+        fn()
+        calls.append(1)
+        return float(len(calls))
+
+    out = sweep([{}, {"bwd_dg_scan": "product"}, {"span_max": "not a number"}], cases=[("tiny", 1, 70, 2, 16, 16)],
+                log=lambda *_: None, device="cpu", timer=timer, check_T=150)
+    assert flash.CONFIG == before
+    assert [r["variant"] for r in out] == [{}, {"bwd_dg_scan": "product"}, {"span_max": "not a number"}]
+    for r in out[:2]:
+        assert set(r["tiny"]) == {"forward_ms", "backward_ms", "backward_bytes"}
+        assert max(r["grad_errors"].values()) <= 1e-2, r["grad_errors"]  # bf16 tolerance (DESIGN.md §2)
+    assert "error" in out[2] and "tiny" not in out[2]
