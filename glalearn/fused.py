@@ -8,6 +8,7 @@ one pass where eager PyTorch takes several (kernels in ``kernels/fused_*.py``):
     log_gate(z, τ)                  logsigmoid(z) / τ in float32, from the gate's low-rank projection
     norm_swish_gate(o, r, w)        per-head RMSNorm of the GLA output times swish(r), the output gate
     rms_norm(x, w)                  the blocks' RMSNorm, written in the autocast dtype the next product reads
+    add_rms_norm(x, h, w)           a block's residual add and the norm after it, in one pass
     swiglu_down(ab, W_down)         W_down(swish(a) ⊙ b) for [a | b] from one stacked product
     linear_cross_entropy(h, W, t)   the head and the loss a chunk of tokens at a time: the whole
                                     [tokens, vocab] logits are never held (4.2 GB in float32 at 32k tokens)
@@ -25,9 +26,11 @@ import torch
 from torch.nn import functional as F
 
 IGNORE_INDEX = -100  # F.cross_entropy's default: such targets are not counted
-# Logit elements one chunk of linear_cross_entropy may hold: 2^27 (256 MB in bf16; 4,096 tokens of a
-# 32,000-word vocabulary).
-LOSS_CHUNK_ELEMENTS = 1 << 27
+# Logit elements one chunk of linear_cross_entropy may hold: 2^28 (512 MB in bf16; 8,192 tokens of a
+# 32,000-word vocabulary, a quarter of the benchmark's batch).
+LOSS_CHUNK_ELEMENTS = 1 << 28
+# The norms' backward: at least this many programs, each walking up to 16 blocks of rows.
+NORM_BACKWARD_PROGRAMS = 2048
 
 
 def _next_power_of_two(n: int) -> int:
@@ -163,20 +166,22 @@ class _Norm(torch.autograd.Function):
         x, r, weight, rstd = ctx.saved_tensors
         rows, D = x.shape
         block_d, block_rows, warps = _rows_config(D)
-        grid = (triton_cdiv(rows, block_rows),)
+        blocks = triton_cdiv(rows, block_rows)
+        row_blocks = max(1, min(16, blocks // NORM_BACKWARD_PROGRAMS))  # few partial sums of dw
+        grid = (triton_cdiv(blocks, row_blocks),)
         dy = dy.contiguous()
         dx = torch.empty_like(x)
         dw_partial = torch.empty(grid[0], block_d, dtype=torch.float32, device=x.device)
         dr = None
         if r is None:
             norm.rms_norm_backward_kernel[grid](x, weight, rstd, dy, dx, dw_partial, rows, D, x.stride(0),
-                                                dy.stride(0), dx.stride(0), BLOCK_ROWS=block_rows,
+                                                dy.stride(0), dx.stride(0), row_blocks, BLOCK_ROWS=block_rows,
                                                 BLOCK_D=block_d, num_warps=warps)
         else:
             dr = torch.empty(r.shape, dtype=r.dtype, device=r.device)
             norm.norm_gate_backward_kernel[grid](x, r, weight, rstd, dy, dx, dr, dw_partial, rows, D, x.stride(0),
                                                  r.stride(0), dr.stride(0), dy.stride(0), dx.stride(0), ctx.heads,
-                                                 BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=warps)
+                                                 row_blocks, BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=warps)
         dw = dw_partial.sum(0)[:D].to(weight.dtype)
         return dx, dr, dw, None, None, None
 
@@ -197,6 +202,67 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch
     out_dtype = out_dtype or compute_dtype(x)
     y = _Norm.apply(_rows_2d(x, D), None, weight, float(eps), 1, out_dtype)
     return y.reshape(x.shape)
+
+
+def add_rms_norm_reference(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, eps: float,
+                           out_dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + h, RMSNorm(x + h)): a block's residual add and the norm after it (model.Block)."""
+    s = x + h
+    return s, rms_norm_reference(s, weight, eps, out_dtype or s.dtype)
+
+
+class _AddNorm(torch.autograd.Function):
+    """(x + h, RMSNorm(x + h)) for contiguous x, h [rows, D]: one pass each way."""
+
+    @staticmethod
+    def forward(ctx, x, h, weight, eps, out_dtype):
+        _, norm, *_ = _kernels()
+        rows, D = x.shape
+        block_d, block_rows, warps = _rows_config(D)
+        x_out = torch.empty(rows, D, dtype=torch.promote_types(x.dtype, h.dtype), device=x.device)
+        y = torch.empty(rows, D, dtype=out_dtype, device=x.device)
+        rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
+        norm.add_rms_norm_forward_kernel[(triton_cdiv(rows, block_rows),)](
+            x, h, x_out, weight, y, rstd, rows, D, eps, D, D, BLOCK_ROWS=block_rows, BLOCK_D=block_d,
+            num_warps=warps)
+        ctx.save_for_backward(x_out, weight, rstd)
+        ctx.x_dtype, ctx.h_dtype = x.dtype, h.dtype
+        return x_out, y
+
+    @staticmethod
+    def backward(ctx, dx_out, dy):
+        _, norm, *_ = _kernels()
+        x_out, weight, rstd = ctx.saved_tensors
+        rows, D = x_out.shape
+        dx_out = torch.zeros_like(x_out) if dx_out is None else dx_out.contiguous()
+        dy = torch.zeros_like(x_out) if dy is None else dy.contiguous()
+        block_d, block_rows, warps = _rows_config(D)
+        blocks = triton_cdiv(rows, block_rows)
+        row_blocks = max(1, min(16, blocks // NORM_BACKWARD_PROGRAMS))
+        grid = (triton_cdiv(blocks, row_blocks),)
+        dx = torch.empty(rows, D, dtype=ctx.x_dtype, device=x_out.device)
+        dh = torch.empty(rows, D, dtype=ctx.h_dtype, device=x_out.device)
+        dw_partial = torch.empty(grid[0], block_d, dtype=torch.float32, device=x_out.device)
+        norm.add_rms_norm_backward_kernel[grid](x_out, weight, rstd, dy, dx_out, dx, dh, dw_partial, rows, D, D, D, D,
+                                                row_blocks, BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=warps)
+        return dx, dh, dw_partial.sum(0)[:D].to(weight.dtype), None, None
+
+
+def add_rms_norm(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, eps: float,
+                 out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + h, RMSNorm(x + h)) for x, h [..., D]: a block's residual add and the norm that follows it in
+    one pass. The sum keeps the promoted dtype of x and h (the float32 residual stream); the norm is
+    written in ``out_dtype`` (default: the autocast dtype when autocast is on, else the sum's)."""
+    D = x.shape[-1]
+    if h.shape != x.shape or weight.shape != (D,):
+        raise ValueError(f"add_rms_norm takes x and h of one shape [..., D] and weight [D]; got x {tuple(x.shape)}, "
+                         f"h {tuple(h.shape)}, weight {tuple(weight.shape)}")
+    _check_device(x)
+    out_dtype = out_dtype or (compute_dtype(x) if torch.is_autocast_enabled(x.device.type)
+                              else torch.promote_types(x.dtype, h.dtype))
+    s, y = _AddNorm.apply(x.reshape(-1, D).contiguous(), h.reshape(-1, D).contiguous(), weight, float(eps),
+                          out_dtype)
+    return s.reshape(x.shape), y.reshape(x.shape)
 
 
 def norm_swish_gate(o: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -208,8 +208,12 @@ class Block(nn.Module):
             h, state = self.mixer(h, state=state, output_final_state=True)
         else:
             h = self.mixer(h)
-        x = x + self.dropout(h)
-        x = x + self.dropout(self.ffn(self._norm(self.ffn_norm, x)))
+        if fused.fused_enabled(self.fused, x):  # the residual add and the FFN's norm in one pass
+            x, h = fused.add_rms_norm(x, self.dropout(h), self.ffn_norm.weight, _eps(self.ffn_norm))
+        else:
+            x = x + self.dropout(h)
+            h = self.ffn_norm(x)
+        x = x + self.dropout(self.ffn(h))
         return (x, state) if output_final_state else x
 
     def step(self, x_t: torch.Tensor, state: torch.Tensor):

@@ -73,6 +73,38 @@ def test_rms_norm_forward_and_backward(shape):
     _assert_close(y, norm(x), what="vs nn.RMSNorm")
 
 
+@pytest.mark.parametrize("programs", [2048, 3])
+def test_add_rms_norm_forward_and_backward(programs, monkeypatch):
+    """The residual add and the norm: gradients from both outputs (the stream goes on, the norm feeds the FFN)."""
+    monkeypatch.setattr(fused, "NORM_BACKWARD_PROGRAMS", programs)
+    x, h, w = _rand(4, 250, 24, scale=2.0), _rand(4, 250, 24), _rand(24) + 1.0
+    ds, dy = _rand(4, 250, 24), _rand(4, 250, 24)
+
+    def both(fn):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, h, w)]
+        s_, y_ = fn(*leaves, 1e-5)
+        ((s_ * ds).sum() + (y_.float() * dy).sum()).backward()
+        return s_, y_, [t.grad for t in leaves]
+
+    s_, y_, grads = both(fused.add_rms_norm)
+    s_ref, y_ref, grads_ref = both(fused.add_rms_norm_reference)
+    _assert_close(s_, s_ref, what="x + h")
+    _assert_close(y_, y_ref, what="norm")
+    for name, g, g_ref in zip(("dx", "dh", "dw"), grads, grads_ref):
+        _assert_close(g, g_ref, what=name)
+
+
+@pytest.mark.parametrize("programs", [2048, 3])
+def test_norm_backward_walking_several_row_blocks(programs, monkeypatch):
+    """With few programs each walks several blocks of rows (and the last one a partial walk)."""
+    monkeypatch.setattr(fused, "NORM_BACKWARD_PROGRAMS", programs)
+    x, w, dy = _rand(1000, 24, scale=3.0), _rand(24) + 1.0, _rand(1000, 24)  # 16 blocks of 64 rows
+    _, (dx, dw) = _grads(lambda a, b: fused.rms_norm(a, b, 1e-5), [x, w], dy)
+    _, (dx_ref, dw_ref) = _grads(lambda a, b: fused.rms_norm_reference(a, b, 1e-5), [x, w], dy)
+    _assert_close(dx, dx_ref, what="dx")
+    _assert_close(dw, dw_ref, what="dw")
+
+
 @pytest.mark.parametrize("B,T,H,D", [(2, 33, 3, 24), (1, 9, 4, 256), (1, 70, 1, 8)])
 def test_norm_swish_gate_forward_and_backward(B, T, H, D):
     o, w = _rand(B, T, H, D, scale=2.0), _rand(D) + 1.0
