@@ -204,7 +204,7 @@ def test_fused_setting_is_checked():
 def test_bf16_pieces_match_their_forms_to_bf16_accuracy():
     bf = torch.bfloat16
     z = _rand(4, 300, 512, scale=4.0, dtype=bf)
-    _assert_close(fused.log_gate(z, 16.0), fused.log_gate_reference(z, 16.0), tol=1e-6, what="gate from bf16 z")
+    _assert_close(fused.log_gate(z, 16.0), fused.log_gate_reference(z, 16.0), what="gate from bf16 z")
     o, r, w = _rand(4, 300, 4, 256, dtype=bf), _rand(4, 300, 1024, dtype=bf), _rand(256) + 1
     _assert_close(fused.norm_swish_gate(o, r, w, 1e-5), fused.norm_swish_gate_reference(o, r, w, 1e-5),
                   tol=1e-2, what="norm gate")
