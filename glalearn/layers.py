@@ -23,6 +23,7 @@ import warnings
 import torch
 from torch import nn
 
+from glalearn import fused
 from glalearn.forms import chunk_gla, recurrent_gla, two_level_chunk_gla
 from glalearn.forms.chunk import ChunkGLAFunction
 from glalearn.forms.recurrent import recurrent_step
@@ -169,6 +170,9 @@ class GatedLinearAttention(nn.Module):
         self.output_gate = nn.Linear(d_model, value_dim, bias=False)
         self.head_norm = nn.RMSNorm(self.head_v_dim, eps=norm_eps)
         self.o_proj = nn.Linear(value_dim, d_model, bias=False)
+        # The flash backend's fused gate and norm + output gate (glalearn.fused): None or True uses them,
+        # False runs the PyTorch pieces around the kernel (the same numbers up to rounding).
+        self.fused: bool | None = None
 
     # ------------------------------------------------------------------ the pieces
     def log_gate(self, x: torch.Tensor) -> torch.Tensor:
@@ -247,6 +251,8 @@ class GatedLinearAttention(nn.Module):
         """
         self._check_x("x", x, 3, "[B, T, d_model]")
         backend = resolve_backend(self.backend, x.device)
+        if backend == "flash" and self.fused is not False:
+            return self._fused_flash_forward(x, state, output_final_state)
         # The kernels take bf16/fp16 q, k, v as they come (float32 state and gates inside); the PyTorch
         # forms compute in float32.
         q, k, v, g = self.project(x, keep_dtype=backend == "flash")
@@ -260,6 +266,32 @@ class GatedLinearAttention(nn.Module):
                 o, final = gla_form(backend)(q, k, v, g, scale=self.scale, initial_state=state,
                                              output_final_state=output_final_state, **kwargs)
         y = self.finish(x, o)
+        return (y, final) if output_final_state else y
+
+    def _fused_flash_forward(self, x: torch.Tensor, state: torch.Tensor | None, output_final_state: bool):
+        """``forward`` on the flash backend with the fused pieces of chapter 9 (glalearn.fused).
+
+        The same computation as ``project`` + kernel + ``finish``, with fewer passes over memory: q, k, v
+        stay in the projections' dtype; the gate's logsigmoid / τ is one kernel that writes float32 g
+        from the bf16 projection; RMSNorm_head(o) ⊙ swish(r) is one kernel that reads the kernel's o and
+        the gate projection r and writes what W_O reads (no float32 copies of o or r in between).
+        """
+        lead, H = x.shape[:-1], self.num_heads
+        q = self.q_proj(x).reshape(*lead, H, self.head_k_dim)
+        k = self.k_proj(x).reshape(*lead, H, self.head_k_dim)
+        v = self.v_proj(x).reshape(*lead, H, self.head_v_dim)
+        if self.gate in ("vector", "scalar"):
+            gate = self.gate_proj
+            g = fused.log_gate(gate.up(gate.down(x)), gate.normalizer)
+            g = g.reshape(*lead, H, self.head_k_dim) if self.gate == "vector" else \
+                g.reshape(*lead, H, 1).expand(*lead, H, self.head_k_dim)
+        else:
+            g = self.log_gate(x)
+        with torch.autocast(x.device.type, enabled=False):
+            o, final = gla_form("flash")(q, k, v, g, scale=self.scale, initial_state=state,
+                                         output_final_state=output_final_state)
+        eps = self.head_norm.eps if self.head_norm.eps is not None else torch.finfo(torch.float32).eps
+        y = self.o_proj(fused.norm_swish_gate(o, self.output_gate(x), self.head_norm.weight, eps))
         return (y, final) if output_final_state else y
 
     def init_state(self, batch_size: int, device=None) -> torch.Tensor:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from glalearn import fused
 from glalearn.layers import BACKENDS, GatedLinearAttention
 
 
@@ -111,16 +112,29 @@ def config_from_dict(data: dict) -> LMConfig:
 
 
 # ----------------------------------------------------------------------------- the pieces
+def _eps(norm: nn.RMSNorm) -> float:
+    """The ε an nn.RMSNorm uses (None there means float32's machine epsilon, as for float32 inputs)."""
+    return norm.eps if norm.eps is not None else torch.finfo(torch.float32).eps
+
+
 class SwiGLU(nn.Module):
-    """The FFN of Transformer++ and GLA: x -> W_down(silu(x W_gate) ⊙ x W_up). [..., d] -> [..., d]."""
+    """The FFN of Transformer++ and GLA: x -> W_down(silu(x W_gate) ⊙ x W_up). [..., d] -> [..., d].
+
+    Fused (``fused``: None = on CUDA, see glalearn.fused): one product of x with W_gate and W_up stacked,
+    then one kernel for silu(a) ⊙ b and W_down, whose backward recomputes silu(a) ⊙ b (chapter 9).
+    """
 
     def __init__(self, d_model: int, hidden: int):
         super().__init__()
         self.gate_proj = nn.Linear(d_model, hidden, bias=False)
         self.up_proj = nn.Linear(d_model, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, d_model, bias=False)
+        self.fused: bool | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused.fused_enabled(self.fused, x):
+            ab = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight]))
+            return fused.swiglu_down(ab, self.down_proj.weight)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -173,6 +187,12 @@ class Block(nn.Module):
         if self.short_conv:
             self.conv = nn.Conv1d(config.d_model, config.d_model, self.short_conv, groups=config.d_model,
                                   padding=self.short_conv - 1, bias=False)
+        self.fused: bool | None = None  # the norms by glalearn.fused.rms_norm (None: on CUDA)
+
+    def _norm(self, norm: nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
+        if fused.fused_enabled(self.fused, x):  # one pass, written in the dtype the products read
+            return fused.rms_norm(x, norm.weight, _eps(norm))
+        return norm(x)
 
     def _convolve(self, h: torch.Tensor) -> torch.Tensor:
         """h + the causal depthwise convolution of h (token t sees t - kernel + 1 .. t): [B, T, d]."""
@@ -180,7 +200,7 @@ class Block(nn.Module):
         return h + self.conv(h.transpose(1, 2))[..., :T].transpose(1, 2)
 
     def forward(self, x: torch.Tensor, state=None, output_final_state: bool = False):
-        h = self.mixer_norm(x)
+        h = self._norm(self.mixer_norm, x)
         if self.short_conv:
             if state is not None:
                 raise NotImplementedError("a block with short_conv > 0 cannot continue from a state: the "
@@ -190,8 +210,12 @@ class Block(nn.Module):
             h, state = self.mixer(h, state=state, output_final_state=True)
         else:
             h = self.mixer(h)
-        x = x + self.dropout(h)
-        x = x + self.dropout(self.ffn(self.ffn_norm(x)))
+        if fused.fused_enabled(self.fused, x):  # the residual add and the FFN's norm in one pass
+            x, h = fused.add_rms_norm(x, self.dropout(h), self.ffn_norm.weight, _eps(self.ffn_norm))
+        else:
+            x = x + self.dropout(h)
+            h = self.ffn_norm(x)
+        x = x + self.dropout(self.ffn(h))
         return (x, state) if output_final_state else x
 
     def step(self, x_t: torch.Tensor, state: torch.Tensor):
@@ -205,9 +229,16 @@ class Block(nn.Module):
 
 
 class CausalLM(nn.Module):
-    """Embedding, blocks, final RMSNorm and head: input_ids [B, T] -> logits [B, T, vocab] (chapter 8)."""
+    """Embedding, blocks, final RMSNorm and head: input_ids [B, T] -> logits [B, T, vocab] (chapter 8).
+
+    ``fused`` (None: on CUDA; ``set_fused`` sets it everywhere) runs the norms, the FFN, the GLA layer
+    on the flash backend and the loss through glalearn.fused (chapter 9); the CPU keeps the PyTorch
+    modules. ``check_targets`` lets ``loss`` check the target values (a host sync on a GPU).
+    """
 
     config: LMConfig
+    fused: bool | None = None
+    check_targets: bool = True
 
     def __init__(self, config: LMConfig, mixers: list[nn.Module]):
         super().__init__()
@@ -248,6 +279,15 @@ class CausalLM(nn.Module):
             got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise ValueError(f"input_ids must be an integer tensor [B, T], got {got}")
 
+    def set_fused(self, fused_setting: bool | None) -> CausalLM:
+        """Set ``fused`` (True, False or None = on CUDA) on the model and all its blocks. Returns self."""
+        fused.fused_enabled(fused_setting, torch.empty(0))  # validates the value
+        self.fused = fused_setting
+        for module in self.modules():
+            if hasattr(module, "fused") and module is not self:
+                module.fused = fused_setting
+        return self
+
     def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The final normalized hidden states [B, T, d_model] that the head maps to logits.
 
@@ -258,16 +298,27 @@ class CausalLM(nn.Module):
         x = self.dropout(self.embed(input_ids.long()))
         for block in self.blocks:
             x = block(x)
+        if fused.fused_enabled(self.fused, x):
+            return fused.rms_norm(x, self.norm.weight, _eps(self.norm))
         return self.norm(x)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """logits [B, T, vocab] (float32 under autocast too) for input_ids [B, T]."""
-        return self.lm_head(self.hidden_states(input_ids)).float()
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """logits [B, T, vocab] (float32 under autocast too) for input_ids [B, T]; with ``targets``
+        [B, T] the mean cross-entropy instead (``loss``; inside forward so that wrappers such as
+        DDP and FSDP see the head's weight used)."""
+        h = self.hidden_states(input_ids)
+        if targets is None:
+            return self.lm_head(h).float()
+        if fused.fused_enabled(self.fused, h):  # chunks of tokens: the logits are never held whole
+            return fused.linear_cross_entropy(h, self.lm_head.weight, targets, check_targets=self.check_targets)
+        logits = self.lm_head(h).float()
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1).long())
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy (nats per token) of predicting targets [B, T] from input_ids [B, T]."""
-        logits = self(input_ids)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1).long())
+        """Mean cross-entropy (nats per token) of predicting targets [B, T] from input_ids [B, T].
+
+        Targets equal to -100 are not counted (F.cross_entropy's ignore_index)."""
+        return self(input_ids, targets=targets)
 
     # ------------------------------------------------------------------ generation
     def _next_token_logits(self, ids: torch.Tensor, cache):
