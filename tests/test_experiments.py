@@ -328,12 +328,87 @@ def test_curriculum_batches_mix_easier_recall():
 def test_merge_recall_restores_grid_order_and_checks_coverage():
     runs = [{"grid_index": i, "mixer": m, "width": 16, "num_pairs": 2, "seed": 0, "lr": 1e-2, "final_accuracy": 0.1 * i}
             for i, m in enumerate(ex.MIXERS)]
-    parts = [{"preset": "micro", "command": "c", "cpu_s": 1.0, "wall_s": 2.0, "runs": runs[i::2]} for i in range(2)]
+    settings = json.loads(json.dumps(ex.RECALL_PRESETS["micro"].to_dict()))
+    parts = [{"preset": "micro", "settings": settings, "command": "c", "cpu_s": 1.0, "wall_s": 2.0,
+              "runs": runs[i::2]} for i in range(2)]
     merged = ex.merge_recall(parts, "python -m glalearn.experiments recall --preset micro --jobs 2", 5.0)
     assert [r["grid_index"] for r in merged["runs"]] == list(range(5))
     assert merged["jobs"] == 2 and merged["cpu_s"] == 2.0 and merged["wall_s"] == 5.0
     assert merged["summary"] == ex.summarize_recall(merged["runs"])
     with pytest.raises(ValueError, match=r"missing \[4\]"):
         ex.merge_recall([{**parts[0], "runs": runs[:4]}])
-    with pytest.raises(ValueError, match="one preset"):
+    with pytest.raises(ValueError, match="one grid"):
         ex.merge_recall([parts[0], {**parts[1], "preset": "cpu"}])
+    with pytest.raises(ValueError, match="one grid"):
+        ex.merge_recall([parts[0], {**parts[1], "settings": {**settings, "steps": 4}}])
+    partial = ex.merge_recall([{**parts[0], "runs": runs[:4]}], allow_partial=True)
+    assert partial["partial"] is True and [r["grid_index"] for r in partial["runs"]] == [0, 1, 2, 3]
+
+
+def test_random_filler_replaces_only_the_filler():
+    """Zoology's protocol: the positions between the queries hold random tokens, everything else as laid out."""
+    zero = mqar_batch(16, 64, 8, 64, seed=5)
+    rand = mqar_batch(16, 64, 8, 64, seed=5, filler="random")
+    assert torch.equal(zero.targets, rand.targets) and torch.equal(zero.keys, rand.keys)
+    filler = zero.inputs == 0
+    assert torch.equal(zero.inputs[~filler], rand.inputs[~filler])
+    noise = rand.inputs[filler]
+    assert noise.min() >= 0 and noise.max() < 64 and noise.unique().numel() > 32  # spread over the vocabulary
+    with pytest.raises(ValueError, match="filler must be one of"):
+        mqar_batch(2, 64, 8, 64, filler="blank")
+
+
+def test_preset_overrides_are_typed_and_checked():
+    o = ex.parse_overrides(["steps=7", "lrs=1e-3,3e-3", "mixers=gla,none", "curriculum=false", "init_std=0.05"])
+    assert o == {"steps": 7, "lrs": (1e-3, 3e-3), "mixers": ("gla", "none"), "curriculum": False, "init_std": 0.05}
+    p = ex.recall_preset("micro", o)
+    assert p.steps == 7 and p.mixers == ("gla", "none") and ex.RECALL_PRESETS["micro"].steps == 3
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        ex.parse_overrides(["stepz=3"])
+    with pytest.raises(ValueError, match="cannot read 'many' as int"):
+        ex.parse_overrides(["steps=many"])
+    with pytest.raises(ValueError, match="conv_on must be"):
+        ex.recall_preset("micro", {"conv_on": "ffn"})
+    with pytest.raises(ValueError, match="mixers must be among"):
+        ex.recall_preset("micro", {"mixers": ("mamba",)})
+
+
+def test_qkv_convolution_models_are_causal():
+    preset = ex.recall_preset("micro", {"conv_on": "qkv", "short_conv": 3})
+    torch.manual_seed(0)
+    model = ex.recall_model("gla", 16, preset).eval()
+    assert model.config.short_conv == 0 and model.config.qkv_conv == 3
+    assert ex.recall_model("softmax", 16, preset).config.short_conv == 3  # softmax keeps the input conv
+    ids = torch.randint(0, 16, (2, 12))
+    later = ids.clone()
+    later[:, 7:] = torch.randint(0, 16, (2, 5))
+    with torch.no_grad():
+        a, b = model(ids), model(later)
+    assert torch.equal(a[:, :7], b[:, :7]) and not torch.allclose(a[:, 7:], b[:, 7:])
+
+
+def test_fla_gla_is_offered_only_where_fla_imports():
+    if ex.fla_available():
+        pytest.skip("fla is installed here")
+    assert "fla-gla" not in ex.available_mixers()
+    with pytest.raises(ValueError, match="needs flash-linear-attention"):
+        ex.recall_model("fla-gla", 16, ex.RECALL_PRESETS["micro"])
+    with pytest.raises(SystemExit):
+        ex.main(["recall", "--preset", "micro", "--set", "mixers=fla-gla", "--out", "unused.json"])
+
+
+def test_stop_after_and_resume_finish_the_same_grid(tmp_path, one_thread):
+    """A grid cut off by --stop-after is marked partial; --resume runs the rest and keeps the finished runs."""
+    out = tmp_path / "r.json"
+    argv = ["recall", "--preset", "micro", "--device", "cpu", "--quiet", "--set", "mixers=gla,none", "--out", str(out)]
+    assert ex.main(argv + ["--stop-after", "0"]) == 0
+    first = json.loads(out.read_text())
+    assert first["partial"] is True and len(first["runs"]) == 1  # the first run starts, no later one
+    assert ex.main(argv + ["--resume", str(out)]) == 0
+    final = json.loads(out.read_text())
+    assert "partial" not in final and [r["grid_index"] for r in final["runs"]] == [0, 1]
+    assert final["runs"][0] == first["runs"][0]
+    ex.validate_results(final)
+    with pytest.raises(ValueError, match="another grid"):
+        ex.main(["recall", "--preset", "micro", "--device", "cpu", "--quiet", "--set", "steps=4",
+                 "--resume", str(out), "--out", str(tmp_path / "s.json")])
