@@ -95,6 +95,10 @@ class RecallPreset:
     filler: str = "random"
     # Standard deviation of the normal initialisation of every linear and embedding weight (LMConfig.init_std).
     init_std: float = 0.02
+    # The GLA output gate's bias b_r and its starting value (the paper's r_t = swish(x W_r + b_r));
+    # None drops it, as flash-linear-attention's layer does: with small weights, swish(x W_r) then
+    # multiplies everything the layer reads from its state by ~0 (chapter 10, section 3).
+    output_gate_bias: float | None = 1.0
 
     def __post_init__(self):
         if self.conv_on not in ("input", "qkv"):
@@ -264,7 +268,8 @@ class FlaGLAMixer(nn.Module):
     """
 
     def __init__(self, d_model: int, num_heads: int, conv: int, expand_k: float = 0.5, expand_v: float = 1.0,
-                 gate_low_rank_dim: int = 16, gate_logit_normalizer: float = 16.0, norm_eps: float = 1e-5):
+                 gate_low_rank_dim: int = 16, gate_logit_normalizer: float = 16.0, norm_eps: float = 1e-5,
+                 output_gate_bias: float | None = None):
         super().__init__()
         from fla.layers import GatedLinearAttention as FlaGLA
 
@@ -272,6 +277,15 @@ class FlaGLAMixer(nn.Module):
                             num_heads=num_heads, use_short_conv=conv > 0, conv_size=max(conv, 1),
                             gate_low_rank_dim=gate_low_rank_dim, gate_logit_normalizer=gate_logit_normalizer,
                             norm_eps=norm_eps)
+        self.output_gate_bias = output_gate_bias
+        if output_gate_bias is not None:  # the same b_r as glalearn's layer gets (fla's g_proj has none)
+            g = self.layer.g_proj
+            self.layer.g_proj = nn.Linear(g.in_features, g.out_features, bias=True)
+        self.init_output_gate_bias()
+
+    def init_output_gate_bias(self) -> None:
+        if self.output_gate_bias is not None:
+            nn.init.constant_(self.layer.g_proj.bias, self.output_gate_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer(x)[0]
@@ -306,12 +320,14 @@ def recall_model(mixer: str, width: int, preset: RecallPreset) -> CausalLM:
         conv = preset.short_conv if preset.conv_on == "qkv" else 0
         block_conv = 0 if conv else preset.short_conv
         config = GLAConfig(**{**common, "short_conv": block_conv}, gate="vector", backend=preset.backend)
-        mixers = [FlaGLAMixer(width, preset.num_heads, conv) for _ in range(preset.n_layers)]
+        mixers = [FlaGLAMixer(width, preset.num_heads, conv, output_gate_bias=preset.output_gate_bias)
+                  for _ in range(preset.n_layers)]
         return CausalLM(config, mixers)
     if MIXERS[mixer] is None:
         return build_model(TransformerConfig(**common))
     return build_model(GLAConfig(**common, gate=MIXERS[mixer], backend=preset.backend,
-                                 qkv_conv=preset.short_conv if inside else 0))
+                                 qkv_conv=preset.short_conv if inside else 0,
+                                 output_gate_bias=preset.output_gate_bias))
 
 
 def recall_held_out(preset: RecallPreset, num_pairs: int):
@@ -480,6 +496,9 @@ def parse_overrides(items: list[str] | None) -> dict:
             raise ValueError(f"--set must be KEY=VALUE with KEY a preset field ({', '.join(sorted(fields))}), "
                              f"got {item!r}")
         current = getattr(defaults, key)
+        if key == "output_gate_bias" and text.strip().lower() == "none":
+            out[key] = None
+            continue
         try:
             if isinstance(current, tuple):
                 kind = type(current[0]) if current else str
@@ -920,7 +939,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--jobs must be >= 1, got {args.jobs}")
         overrides = parse_overrides(args.set)
         preset = recall_preset(args.preset, overrides)
-        for mixer in preset.mixers:
+        for mixer in preset.mixers if shard[1] == 1 else ():  # (the parent checks for its shards)
             if mixer == "fla-gla" and not fla_available():
                 parser.error("mixer fla-gla needs flash-linear-attention, which does not import here")
         done = _resumable_runs(args.resume, preset) if args.resume else None

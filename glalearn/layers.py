@@ -18,6 +18,7 @@ attention). Every gate runs on every backend, since all of them are just a g ten
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 
 import torch
@@ -116,6 +117,11 @@ class GatedLinearAttention(nn.Module):
         qkv_conv: kernel size of a causal depthwise convolution followed by SiLU on each of q, k and v
             right after their projections (0: none), as flash-linear-attention's ``use_short_conv`` and
             Zoology's recall models place it. Parallel forms only (no recurrent step).
+        output_gate_bias: None (the output gate r_t = swish(x_t W_r), as flash-linear-attention has it)
+            or a number: the paper's r_t = swish(x_t W_r + b_r) with b_r starting at that value. With
+            small weights and no bias, swish(x W_r) ≈ x W_r / 2 is a near-zero factor of random sign on
+            every channel the layer reads from its state, which stalls learning to recall (chapter 10);
+            b_r = 1 lets the read value through (swish(1) ≈ 0.73) from the first step.
 
     ``check_inputs`` (default True) lets the forms validate their inputs; the trainer turns it off on a
     GPU, where each value check is a host-device synchronisation, and the "chunk" backend then calls
@@ -125,7 +131,7 @@ class GatedLinearAttention(nn.Module):
     def __init__(self, d_model: int, num_heads: int = 4, expand_k: float = 0.5, expand_v: float = 1.0,
                  gate: str = "vector", backend: str = "auto", gate_low_rank_dim: int = GATE_LOW_RANK_DIM,
                  gate_logit_normalizer: float = GATE_LOGIT_NORMALIZER, norm_eps: float = 1e-5,
-                 chunk_size: int = 64, qkv_conv: int = 0):
+                 chunk_size: int = 64, qkv_conv: int = 0, output_gate_bias: float | None = None):
         super().__init__()
         if gate not in GATES:
             raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
@@ -167,7 +173,12 @@ class GatedLinearAttention(nn.Module):
             self.q_conv, self.k_conv, self.v_conv = (
                 nn.Conv1d(width, width, qkv_conv, groups=width, padding=qkv_conv - 1, bias=False)
                 for width in (key_dim, key_dim, value_dim))
-        self.output_gate = nn.Linear(d_model, value_dim, bias=False)
+        if output_gate_bias is not None and not (isinstance(output_gate_bias, (int, float))
+                                                 and math.isfinite(output_gate_bias)):
+            raise ValueError(f"output_gate_bias must be None or a finite number, got {output_gate_bias!r}")
+        self.output_gate_bias = None if output_gate_bias is None else float(output_gate_bias)
+        self.output_gate = nn.Linear(d_model, value_dim, bias=output_gate_bias is not None)
+        self.init_output_gate_bias()
         self.head_norm = nn.RMSNorm(self.head_v_dim, eps=norm_eps)
         self.o_proj = nn.Linear(value_dim, d_model, bias=False)
         # The flash backend's fused gate and norm + output gate (glalearn.fused): None or True uses them,
@@ -207,6 +218,11 @@ class GatedLinearAttention(nn.Module):
         if not keep_dtype:
             q, k, v = q.float(), k.float(), v.float()
         return q, k, v, self.log_gate(x)
+
+    def init_output_gate_bias(self) -> None:
+        """Set b_r to its starting value (the model calls this after its generic init zeroes biases)."""
+        if self.output_gate_bias is not None:
+            nn.init.constant_(self.output_gate.bias, self.output_gate_bias)
 
     @staticmethod
     def _causal_silu_conv(conv: nn.Conv1d, t: torch.Tensor) -> torch.Tensor:

@@ -77,6 +77,8 @@ class GLAConfig(LMConfig):
     chunk_size: int = 64
     # Kernel size of the layer's own SiLU convolutions on q, k and v (GatedLinearAttention.qkv_conv; 0: none).
     qkv_conv: int = 0
+    # The output gate's bias b_r and its starting value (GatedLinearAttention.output_gate_bias; None: no bias).
+    output_gate_bias: float | None = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -249,6 +251,9 @@ class CausalLM(nn.Module):
         self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.apply(self._init_weights)
+        for module in self.modules():  # biases that must not start at zero (the GLA output gate's b_r)
+            if hasattr(module, "init_output_gate_bias"):
+                module.init_output_gate_bias()
         # GPT-2's scaled init of the projections that write into the residual stream.
         for name, p in self.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):
@@ -378,7 +383,7 @@ class GLAForCausalLM(CausalLM):
                                        gate_low_rank_dim=config.gate_low_rank_dim,
                                        gate_logit_normalizer=config.gate_logit_normalizer,
                                        norm_eps=config.norm_eps, chunk_size=config.chunk_size,
-                                       qkv_conv=config.qkv_conv)
+                                       qkv_conv=config.qkv_conv, output_gate_bias=config.output_gate_bias)
                   for _ in range(config.n_layers)]
         super().__init__(config, mixers)
 
