@@ -33,6 +33,11 @@ from glalearn.gates import GATE_LOGIT_NORMALIZER, GATE_LOW_RANK_DIM, LowRankGate
 BACKENDS = ("recurrent", "chunk", "two_level", "flash", "auto")
 GATES = ("vector", "scalar", "fixed", "none")
 
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The PyTorch forms' precision for activations of ``dtype``: float32, float64 for float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
 # On this kind of CPU the two-level form with the split diagonal is the fastest exact form: measured
 # at the shipped model's shapes (B=8, T=256, H=4, d_k=32, d_v=64, float32, forward+backward) it beats
 # chunk_gla; see chapter 8 and `python -m glalearn.bench forms`.
@@ -187,21 +192,23 @@ class GatedLinearAttention(nn.Module):
 
     # ------------------------------------------------------------------ the pieces
     def log_gate(self, x: torch.Tensor) -> torch.Tensor:
-        """g [..., H, d_k] (float32, <= 0) for tokens x [..., d_model], for the chosen gate variant."""
+        """g [..., H, d_k] (<= 0) for tokens x [..., d_model], for the chosen gate variant: float32, or
+        float64 for float64 x (a layer in float64 computes in float64 throughout)."""
         lead = x.shape[:-1]
         H, dk = self.num_heads, self.head_k_dim
+        dtype = _compute_dtype(x.dtype)
         if self.gate == "vector":
-            return self.gate_proj(x).float().reshape(*lead, H, dk)
+            return self.gate_proj(x).to(dtype).reshape(*lead, H, dk)
         if self.gate == "scalar":
-            return self.gate_proj(x).float().reshape(*lead, H, 1).expand(*lead, H, dk)
+            return self.gate_proj(x).to(dtype).reshape(*lead, H, 1).expand(*lead, H, dk)
         if self.gate == "fixed":
-            return self.fixed_log_decay.to(x.device, torch.float32)[:, None].expand(*lead, H, dk)
-        return x.new_zeros((*lead, H, dk), dtype=torch.float32)
+            return self.fixed_log_decay.to(x.device, dtype)[:, None].expand(*lead, H, dk)
+        return x.new_zeros((*lead, H, dk), dtype=dtype)
 
     def project(self, x: torch.Tensor, keep_dtype: bool = False) -> tuple[torch.Tensor, ...]:
         """q, k, g [..., H, d_k] and v [..., H, d_v] for tokens x [..., d_model].
 
-        q, k, v are float32 for the PyTorch forms; with ``keep_dtype`` they stay in the dtype the
+        q, k, v are float32 for the PyTorch forms (float64 for float64 x); with ``keep_dtype`` they stay in the dtype the
         projections produce (bfloat16 under autocast), which the flash kernels take directly: their
         products then run on bf16 tensor cores instead of in exact float32, and q, k, v, o move half
         the bytes. g is always float32 (a log gate's precision decides the decay over a whole chunk).
@@ -216,7 +223,8 @@ class GatedLinearAttention(nn.Module):
         k = k.reshape(*lead, H, self.head_k_dim)
         v = v.reshape(*lead, H, self.head_v_dim)
         if not keep_dtype:
-            q, k, v = q.float(), k.float(), v.float()
+            dtype = _compute_dtype(q.dtype)
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         return q, k, v, self.log_gate(x)
 
     def init_output_gate_bias(self) -> None:
