@@ -3,6 +3,7 @@
     python -m glalearn.experiments recall   --preset cpu   --out glalearn/assets/results/recall_cpu.json
     python -m glalearn.experiments recall   --preset gpu   --jobs 15 --out recall_gpu.json   # ~7 min, one H200
     python -m glalearn.experiments recall   --preset paper --jobs 15 --out recall_paper.json # hours of a GPU
+    python -m glalearn.experiments cause    --preset cpu   --jobs 2 --out glalearn/assets/results/cause_cpu.json
     python -m glalearn.experiments ablation --preset cpu   --out glalearn/assets/results/ablation_cpu.json
 
 **recall** trains 2-layer models on multi-query associative recall (``glalearn.tasks.mqar``; the paper's
@@ -14,6 +15,10 @@ length 256, 16 and 64 pairs, vocabulary 8192, a learning-rate sweep); ``gpu`` is
 of ten minutes of one GPU (chapter 10, §2b); ``cpu`` is a miniature that runs on a 2-core CPU in minutes;
 ``micro`` exists for the tests. Training scores the queried positions only (the head's product is paid
 for those), evaluation sums on the device, and ``--jobs N`` runs the grid as N processes side by side.
+
+**cause** is chapter 10's bisection of why every linear mixer once sat at chance on MQAR: the protocol
+with a zero filler, a residual convolution on the block input and no output-gate bias, each of the three
+changes alone, all three, and each left out, on one CPU-sized cell.
 
 **ablation** is the paper's Table 4 in miniature on Tiny Shakespeare: the four gates and 1 / 4 / 8 heads,
 each trained with ``glalearn.train`` for the same steps, batch and context (so the same tokens in the same
@@ -158,20 +163,23 @@ RECALL_PRESETS: dict[str, RecallPreset] = {
     # left every mixer at chance in 3,000 steps), Zoology's curriculum of easier recall and a short
     # convolution beside every mixer (without it softmax attention reached 0.02-0.18, with it ~1.0 within
     # 500 steps). Run as `--jobs 15` processes side by side on the GPU (one such model is far from filling it).
+    # Two seeds; add the reference column with `--set mixers=softmax,gla,scalar,fixed,none,fla-gla` where
+    # flash-linear-attention imports.
     "gpu": RecallPreset(widths=(64, 128, 256), seq_len=256, num_pairs=(16, 64), vocab_size=1024,
-                        steps=1200, batch_size=128, lrs=(3e-3,), seeds=(0,), warmup_steps=100, eval_every=200,
-                        eval_size=1000, num_heads=2, curriculum=True, short_conv=4),
+                        steps=1200, batch_size=128, lrs=(3e-3,), seeds=(0, 1), warmup_steps=100, eval_every=200,
+                        eval_size=1000, num_heads=2, curriculum=True, short_conv=4, conv_on="qkv"),
     # Does a linear-attention mixer ever leave the plateau of the `gpu` grid? Its hardest cell at width 128
     # for 6.7x the steps, the four gated/ungated linear mixers only (softmax solved it within 400 steps).
     "gpu-long": RecallPreset(widths=(128,), seq_len=256, num_pairs=(64,), vocab_size=1024, steps=8000,
                              batch_size=128, lrs=(3e-3,), seeds=(0,), warmup_steps=100, eval_every=500,
-                             eval_size=1000, num_heads=2, curriculum=True, short_conv=4,
+                             eval_size=1000, num_heads=2, curriculum=True, short_conv=4, conv_on="qkv",
                              mixers=("gla", "scalar", "fixed", "none")),
-    # A miniature for a 2-core CPU, sized to finish in under 10 minutes on a shared one (chapter 10). At this
-    # budget the models are early in training: probes at width 32, 4 pairs reached ~0.45 (GLA) and ~0.34
-    # (softmax) after 200 steps and softmax ~0.56 after 1000 — more than this machine can give 30 runs.
-    "cpu": RecallPreset(widths=(16, 32, 64), seq_len=32, num_pairs=(4, 8), vocab_size=32, steps=120,
-                        batch_size=64, lrs=(3e-3,), seeds=(0,), eval_every=20, eval_size=128),
+    # A miniature for a 2-core CPU (chapter 10, section 2): one cell of the MQAR task at two widths, two
+    # seeds, 1,000 steps of 64 sequences; about 15 minutes as `--jobs 2`. At 600 steps GLA and no gate
+    # were both still leaving the plateau (0.45 / 0.47 at width 64, seed 0); at 1,200, 0.64 / 0.23.
+    "cpu": RecallPreset(widths=(32, 64), seq_len=64, num_pairs=(8,), vocab_size=512, steps=1000,
+                        batch_size=64, lrs=(3e-3,), seeds=(0, 1), eval_every=50, eval_size=256, num_heads=2,
+                        short_conv=4, conv_on="qkv"),
     # For the tests: seconds.
     "micro": RecallPreset(widths=(16,), seq_len=16, num_pairs=(2,), vocab_size=16, steps=3, batch_size=4,
                           lrs=(1e-2,), seeds=(0,), warmup_steps=1, eval_every=2, eval_size=8),
@@ -521,9 +529,18 @@ def recall_preset(name: str, overrides: dict | None = None) -> RecallPreset:
     return dataclasses.replace(RECALL_PRESETS[name], **(overrides or {}))
 
 
+# What the harness did before these preset fields existed: a results file without them was made so.
+# (The MQAR generator's only filler was token 0; the short convolution sat on the block input; the GLA
+# layer's output gate had no bias.) ``--set filler=zero --set conv_on=input --set output_gate_bias=none``
+# runs that protocol today.
+EARLIER_PROTOCOL = {"conv_on": "input", "filler": "zero", "init_std": 0.02, "output_gate_bias": None}
+
+
 def preset_from_settings(settings: dict) -> RecallPreset:
-    """Rebuild the :class:`RecallPreset` a results file records under ``settings``."""
+    """Rebuild the :class:`RecallPreset` a results file records under ``settings`` (fields the file
+    predates take their :data:`EARLIER_PROTOCOL` values)."""
     fields = {f.name for f in dataclasses.fields(RecallPreset)}
+    settings = {**EARLIER_PROTOCOL, **settings}
     return RecallPreset(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items() if k in fields})
 
 
@@ -614,8 +631,11 @@ def merge_recall(parts: list[dict], command: str | None = None, wall_s: float | 
     merged["runs"] = runs
     merged["summary"] = summarize_recall(runs)
     merged["jobs"] = len(parts)
-    merged["cpu_s"] = round(sum(p["cpu_s"] for p in parts), 1)
-    merged["wall_s"] = round(wall_s if wall_s is not None else max(p["wall_s"] for p in parts), 1)
+    # a shard's file written after each of its runs has no totals yet: its runs' CPU time stands in
+    merged["cpu_s"] = round(sum(p["cpu_s"] if "cpu_s" in p else sum(r["cpu_s"] for r in p["runs"])
+                                for p in parts), 1)
+    merged["wall_s"] = round(wall_s if wall_s is not None else
+                             max(p["wall_s"] if "wall_s" in p else sum(r["wall_s"] for r in p["runs"]) for p in parts), 1)
     if not complete:
         merged["partial"] = True
     return merged
@@ -738,6 +758,80 @@ def inspect_gla(model: CausalLM, input_ids: torch.Tensor) -> dict:
 
 
 # ----------------------------------------------------------------------------- the gate ablation
+# ----------------------------------------------------------------------------- the plateau's causes
+# Chapter 10, section 3: why every linear mixer sat at chance under the earlier protocol (zero filler,
+# a residual convolution on the block input, an output gate without bias), one change at a time, on one
+# cell small enough for a CPU: width 64, T = 64, 8 pairs, a 512-token vocabulary, 600 steps.
+CAUSE_PRESETS: dict[str, RecallPreset] = {
+    "cpu": RecallPreset(widths=(64,), seq_len=64, num_pairs=(8,), vocab_size=512, steps=600, batch_size=64,
+                        lrs=(3e-3,), seeds=(0,), eval_every=50, eval_size=256, num_heads=2, short_conv=4,
+                        conv_on="qkv", filler="random", output_gate_bias=1.0),
+    "micro": RecallPreset(widths=(16,), seq_len=16, num_pairs=(2,), vocab_size=16, steps=3, batch_size=4,
+                          lrs=(1e-2,), seeds=(0,), warmup_steps=1, eval_every=2, eval_size=8, short_conv=2,
+                          conv_on="qkv"),
+}
+_BEFORE = {"filler": "zero", "conv_on": "input", "output_gate_bias": None}
+_AFTER = {"filler": "random", "conv_on": "qkv", "output_gate_bias": 1.0}
+# (name, the three settings, mixers): the protocol before, each fix alone, all three, each fix left out.
+CAUSE_VARIANTS: tuple[tuple[str, dict, tuple[str, ...]], ...] = (
+    ("before", _BEFORE, ("gla", "none", "softmax")),
+    ("random filler only", {**_BEFORE, "filler": "random"}, ("gla",)),
+    ("q/k/v convolutions only", {**_BEFORE, "conv_on": "qkv"}, ("gla",)),
+    ("b_r = 1 only", {**_BEFORE, "output_gate_bias": 1.0}, ("gla",)),
+    ("all three", _AFTER, ("gla", "none", "softmax")),
+    ("all but the random filler", {**_AFTER, "filler": "zero"}, ("gla",)),
+    ("all but the q/k/v convolutions", {**_AFTER, "conv_on": "input"}, ("gla",)),
+    ("all but b_r", {**_AFTER, "output_gate_bias": None}, ("gla",)),
+)
+
+
+def _cause_task(task: tuple) -> dict:
+    name, overrides, mixer, preset_name, device, threads = task
+    torch.set_num_threads(threads)
+    preset = dataclasses.replace(CAUSE_PRESETS[preset_name], **overrides)
+    record = train_recall(mixer, preset.widths[0], preset.num_pairs[0], preset.seeds[0], preset.lrs[0], preset,
+                          resolve_device(device))
+    return {"variant": name, "overrides": overrides, **record}
+
+
+def run_cause(preset_name: str, device: str = "cpu", progress: bool = True, command: str | None = None,
+              jobs: int = 1, threads: int = 1) -> dict:
+    """Train every (variant, mixer) of :data:`CAUSE_VARIANTS` on the one cell of ``CAUSE_PRESETS[preset_name]``
+    (``jobs`` processes side by side) and return the results dict (experiment "cause")."""
+    if preset_name not in CAUSE_PRESETS:
+        raise ValueError(f"preset must be one of {sorted(CAUSE_PRESETS)}, got {preset_name!r}")
+    if not (isinstance(jobs, int) and jobs >= 1):
+        raise ValueError(f"jobs must be an integer >= 1, got {jobs!r}")
+    preset = CAUSE_PRESETS[preset_name]
+    dev = resolve_device(device)
+    tasks = [(name, overrides, mixer, preset_name, str(dev), threads)
+             for name, overrides, mixers in CAUSE_VARIANTS for mixer in mixers]
+    started, cpu_started = time.perf_counter(), time.process_time()
+    runs = []
+    if jobs == 1:
+        results_iter = map(_cause_task, tasks)
+    else:
+        import multiprocessing
+
+        pool = multiprocessing.get_context("spawn").Pool(jobs)
+        results_iter = pool.imap(_cause_task, tasks)
+    try:
+        for i, record in enumerate(results_iter, 1):
+            runs.append(record)
+            if progress:
+                print(f"[{i}/{len(tasks)}] {record['variant']:<32} {record['mixer']:>7}: accuracy "
+                      f"{record['final_accuracy']:.3f} ({record['wall_s']:.0f} s)", file=sys.stderr, flush=True)
+    finally:
+        if jobs > 1:
+            pool.close()
+            pool.join()
+    return {"schema_version": SCHEMA_VERSION, "experiment": "cause", "preset": preset_name, "command": command,
+            "machine": machine_info(dev), "settings": preset.to_dict(),
+            "variants": [{"name": n, "overrides": o, "mixers": list(m)} for n, o, m in CAUSE_VARIANTS],
+            "runs": runs, "jobs": jobs, "wall_s": round(time.perf_counter() - started, 1),
+            "cpu_s": round(time.process_time() - cpu_started + sum(r["cpu_s"] for r in runs) * (jobs > 1), 1)}
+
+
 def run_ablation(preset_name: str, device: str = "auto", progress: bool = True, command: str | None = None) -> dict:
     """The paper's Table 4 in miniature: every variant of ``preset.variants`` trained with the same budget.
 
@@ -841,6 +935,17 @@ def validate_results(data: dict) -> None:
                 raise ValueError(f"{where}['final_accuracy'] is not the curve's last accuracy")
         if data.get("summary") != summarize_recall(data["runs"]):
             raise ValueError("results['summary'] does not match summarize_recall(results['runs'])")
+    elif data["experiment"] == "cause":
+        names = [v["name"] for v in data.get("variants", [])]
+        if not names:
+            raise ValueError("results['variants'] must list the variants of the cause experiment")
+        for i, run in enumerate(data["runs"]):
+            where = f"results['runs'][{i}]"
+            _require(run, {**_RECALL_RUN, "variant": str, "overrides": dict}, where)
+            if run["variant"] not in names:
+                raise ValueError(f"{where}['variant'] must be one of {names}, got {run['variant']!r}")
+            if run["final_accuracy"] != run["curve"][-1]["accuracy"]:
+                raise ValueError(f"{where}['final_accuracy'] is not the curve's last accuracy")
     elif data["experiment"] == "ablation":
         for i, run in enumerate(data["runs"]):
             where = f"results['runs'][{i}]"
@@ -850,7 +955,7 @@ def validate_results(data: dict) -> None:
             if abs(run["final_val_ppl"] - math.exp(run["final_val_loss"])) > 1e-3 * run["final_val_ppl"]:
                 raise ValueError(f"{where}['final_val_ppl'] is not exp(final_val_loss)")
     else:
-        raise ValueError(f"results['experiment'] must be 'recall' or 'ablation', got {data['experiment']!r}")
+        raise ValueError(f"results['experiment'] must be 'recall', 'cause' or 'ablation', got {data['experiment']!r}")
 
 
 def _resumable_runs(path: str, preset: RecallPreset) -> list[dict]:
@@ -909,10 +1014,14 @@ def main(argv: list[str] | None = None) -> int:
     recall.add_argument("--stop-after", type=float, metavar="SECONDS",
                         help="start no further run after this many seconds (the first always starts); the file is then "
                              "marked partial (--resume it)")
+    cause = sub.add_parser("cause", help="why linear mixers plateau at chance: the three causes, one at a time")
+    cause.add_argument("--preset", default="cpu", choices=sorted(CAUSE_PRESETS))
+    cause.add_argument("--out", help="results JSON (default: cause_PRESET.json in the current folder)")
+    cause.add_argument("--jobs", type=int, default=1, help="processes side by side (default 1)")
     ablation = sub.add_parser("ablation", help="Table 4 in miniature: gates and heads on Tiny Shakespeare")
     ablation.add_argument("--preset", default="cpu", choices=sorted(ABLATION_PRESETS))
     ablation.add_argument("--out", help="results JSON (default: ablation_PRESET.json in the current folder)")
-    for p in (recall, ablation):
+    for p in (recall, cause, ablation):
         p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
         p.add_argument("--threads", type=int, default=1,
                        help="torch.set_num_threads (default 1: these models are tiny, and on a shared 2-core "
@@ -958,6 +1067,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"recall ({args.preset}): {len(results['runs'])} of {total} runs in {results['wall_s']:.0f} s "
                   f"-> {out} (partial: add --resume {out} to run the rest)")
             return 0
+    elif args.experiment == "cause":
+        if args.jobs < 1:
+            parser.error(f"--jobs must be >= 1, got {args.jobs}")
+        results = run_cause(args.preset, args.device, not args.quiet, command, args.jobs, args.threads)
     else:
         results = run_ablation(args.preset, args.device, not args.quiet, command)
     validate_results(results)

@@ -1,6 +1,7 @@
 """Chapter 10's experiments: gate variants on every backend, MQAR training, the results files and the CLI."""
 
 import copy
+import dataclasses
 import json
 import math
 import subprocess
@@ -244,12 +245,15 @@ def test_committed_results(name):
 
 @pytest.mark.parametrize("name", ["recall_gpu.json", "recall_gpu_long.json"])
 def test_committed_gpu_recall_results(name):
-    """Chapter 10 §2b: the GPU presets' grids as run on a lent GPU, by the module's command, every cell once."""
+    """Chapter 10 §3: the GPU presets' grids under the earlier protocol (zero filler, the convolution on the
+    block input, no output-gate bias; one seed), as run on a lent GPU by the module's command, every cell once."""
     data = ex.load_results(name)
-    p = ex.RECALL_PRESETS[data["preset"]]
     assert data["preset"] == {"recall_gpu.json": "gpu", "recall_gpu_long.json": "gpu-long"}[name]
-    assert data["machine"]["device"].startswith("cuda") and "gpu" in data["machine"]
-    assert data["settings"] == json.loads(json.dumps(p.to_dict())) and data["jobs"] > 1
+    assert not set(ex.EARLIER_PROTOCOL) & set(data["settings"])  # the file predates these fields
+    p = ex.preset_from_settings(data["settings"])
+    # = today's preset run with the earlier protocol and one seed (how to reproduce it)
+    assert p == dataclasses.replace(ex.RECALL_PRESETS[data["preset"]], seeds=(0,), **ex.EARLIER_PROTOCOL)
+    assert data["machine"]["device"].startswith("cuda") and "gpu" in data["machine"] and data["jobs"] > 1
     assert "--jobs" in data["command"] and "/root" not in data["command"]
     assert sorted(r["grid_index"] for r in data["runs"]) == list(range(len(data["runs"])))
     cells = [(r["mixer"], r["width"], r["num_pairs"], r["seed"], r["lr"]) for r in data["runs"]]
@@ -264,7 +268,7 @@ def test_committed_checkpoint_loads_and_recalls():
     model, run = ex.load_recall_checkpoint(path)
     assert run["mixer"] == "gla"
     p = ex.RECALL_PRESETS["cpu"]
-    batch = mqar_batch(p.eval_size, p.seq_len, run["num_pairs"], p.vocab_size, seed=ex.EVAL_SEED + run["num_pairs"])
+    batch = ex.recall_held_out(p, run["num_pairs"])
     with torch.no_grad():
         acc = mqar_accuracy(model(batch.inputs), batch.targets)
     graded = int((batch.targets != IGNORE).sum())
@@ -343,6 +347,12 @@ def test_merge_recall_restores_grid_order_and_checks_coverage():
         ex.merge_recall([parts[0], {**parts[1], "settings": {**settings, "steps": 4}}])
     partial = ex.merge_recall([{**parts[0], "runs": runs[:4]}], allow_partial=True)
     assert partial["partial"] is True and [r["grid_index"] for r in partial["runs"]] == [0, 1, 2, 3]
+    # a shard's file written after each run, before its totals exist (what the parent merges every 10 s)
+    timed = [{**r, "cpu_s": 0.5, "wall_s": 0.75} for r in runs]
+    midway = [{"preset": "micro", "settings": settings, "command": "c", "runs": timed[i:4:2], "partial": True}
+              for i in range(2)]
+    partial = ex.merge_recall(midway, allow_partial=True)
+    assert partial["partial"] is True and partial["cpu_s"] == 2.0 and partial["wall_s"] == 1.5
 
 
 def test_random_filler_replaces_only_the_filler():
@@ -412,3 +422,71 @@ def test_stop_after_and_resume_finish_the_same_grid(tmp_path, one_thread):
     with pytest.raises(ValueError, match="another grid"):
         ex.main(["recall", "--preset", "micro", "--device", "cpu", "--quiet", "--set", "steps=4",
                  "--resume", str(out), "--out", str(tmp_path / "s.json")])
+
+
+def test_output_gate_bias_starts_at_its_value_after_the_models_init():
+    """The model's generic init zeroes every bias; b_r must come back to its starting value (1 in the
+    recall presets), and survive a save/load of the recall checkpoint."""
+    p = ex.RECALL_PRESETS["micro"]
+    assert p.output_gate_bias == 1.0
+    for mixer in ("gla", "scalar", "fixed", "none"):
+        model = ex.recall_model(mixer, 16, p)
+        biases = [m.output_gate.bias for m in model.modules() if isinstance(m, GatedLinearAttention)]
+        assert len(biases) == p.n_layers and all(torch.equal(b, torch.ones_like(b)) for b in biases)
+    none = ex.recall_model("gla", 16, dataclasses.replace(p, output_gate_bias=None))
+    assert all(m.output_gate.bias is None for m in none.modules() if isinstance(m, GatedLinearAttention))
+    assert ex.parse_overrides(["output_gate_bias=none"]) == {"output_gate_bias": None}
+    assert ex.parse_overrides(["output_gate_bias=0.5"]) == {"output_gate_bias": 0.5}
+
+
+def test_output_gate_bias_is_checked_and_round_trips(tmp_path):
+    for bad in (float("nan"), float("inf"), "1"):
+        with pytest.raises(ValueError, match="output_gate_bias must be None or a finite number"):
+            GatedLinearAttention(16, 2, output_gate_bias=bad)
+    p = dataclasses.replace(ex.RECALL_PRESETS["micro"], output_gate_bias=0.75)
+    model = ex.recall_model("gla", 16, p)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, GatedLinearAttention):
+                m.output_gate.bias.normal_()  # trained values, not the starting ones
+    path = tmp_path / "m.safetensors"
+    ex.save_recall_checkpoint(model, path, {"mixer": "gla", "curve": [], "model_config": {}})
+    loaded, _ = ex.load_recall_checkpoint(path)
+    x = torch.randint(0, p.vocab_size, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.eval()(x))
+
+
+def test_without_the_bias_the_output_gate_starts_near_zero():
+    """Chapter 10 §3's mechanism: with weights of std 0.02 and no bias, x W_r ~ N(0, 0.16²) at width 64, so
+    swish(x W_r) ≈ x W_r / 2 is a factor of about 0.06 and random sign on every channel read from the state;
+    b_r = 1 lets about swish(1) = 0.73 through."""
+    torch.manual_seed(torch.randint(0, 2**31 - 1, ()).item())
+    x = torch.nn.functional.rms_norm(torch.randn(4, 64, 64), (64,))
+    for bias, low, high in ((None, 0.04, 0.09), (1.0, 0.6, 0.85)):
+        layer = GatedLinearAttention(64, 2, output_gate_bias=bias)
+        torch.nn.init.normal_(layer.output_gate.weight, std=0.02)
+        r = torch.nn.functional.silu(layer.output_gate(x))
+        assert low <= r.abs().mean().item() <= high, (bias, r.abs().mean().item())
+
+
+def test_cause_experiment_runs_every_variant_and_validates(tmp_path, one_thread):
+    out = tmp_path / "cause.json"
+    assert ex.main(["cause", "--preset", "micro", "--quiet", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    ex.validate_results(data)
+    expected = [(name, m) for name, _, mixers in ex.CAUSE_VARIANTS for m in mixers]
+    assert [(r["variant"], r["mixer"]) for r in data["runs"]] == expected
+    names = {v["name"]: v["overrides"] for v in data["variants"]}
+    assert names["before"] == {"filler": "zero", "conv_on": "input", "output_gate_bias": None}
+    assert names["all three"] == {"filler": "random", "conv_on": "qkv", "output_gate_bias": 1.0}
+    # each "only" variant changes one setting of "before"; each "all but" one setting of "all three"
+    for name, o in names.items():
+        base = names["before"] if name.endswith("only") else names["all three"] if name.startswith("all but") else o
+        assert sum(o[k] != base[k] for k in o) == (1 if base is not o else 0), name
+    bad = copy.deepcopy(data)
+    bad["runs"][0]["variant"] = "something else"
+    with pytest.raises(ValueError, match="variant"):
+        ex.validate_results(bad)
+    with pytest.raises(SystemExit):
+        ex.main(["cause", "--preset", "micro", "--jobs", "0"])
