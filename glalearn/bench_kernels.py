@@ -196,7 +196,7 @@ def kernel_costs(B, T, H, K, V, C=64, e=2, g_bytes=None, config=None, initial_st
 
     cfg = dict(flash.CONFIG if config is None else config)
     eg = e if g_bytes is None else g_bytes
-    b = flash.launch_blocks(K, V, cfg)
+    b = flash.launch_blocks(K, V, cfg, segmented_backward=bool(cfg["bwd_segmented"]))
     N = -(-T // C)
     tok = B * T * H  # (token, head) pairs
     states = B * H * N * K * V  # numbers in N chunk states
@@ -294,8 +294,9 @@ LAYOUT_SHAPES = {
 }
 
 
-LAYOUT_VARIANTS = ({}, {"segment_programs": 0, "bwd_segmented": False})  # today's paths, and the v3 ones
-# (sequential state passes in 32 x 32 blocks at 4 warps: the launches of the run that faulted)
+LAYOUT_VARIANTS = ({}, {"bwd_segmented": True}, {"segment_programs": 0, "bwd_segmented": False})
+# the default paths, the segmented backward, and the v3 ones (sequential state passes in 32 x 32 blocks at
+# 4 warps, forward and backward: the launches of the run that faulted)
 
 
 def layout_check(shapes="benchmark", repeats=2, materialize=(True, False), device="cuda", variants=({},),
@@ -360,13 +361,15 @@ def layout_check(shapes="benchmark", repeats=2, materialize=(True, False), devic
 SWEEP_CASES = (("P1", 16384), ("P1", 1024), ("P2", 16384), ("P2", 1024))
 
 
-def sweep(variants, cases=SWEEP_CASES, log=print, device="cuda", timer=None, check_T=1000) -> list[dict]:
+def sweep(variants, cases=SWEEP_CASES, log=print, device="cuda", timer=None, check_T=1000,
+          bandwidth_gbs=None) -> list[dict]:
     """Launch choices tried in one process: for each variant (a dict merged into flash.CONFIG), the
     materialized forward and the backward alone (do_bench medians) at every (profile, T) of ``cases``,
     the kernels' registers and spills, and the gradients' relative RMSE against float64 on a small
     mixed-gate input (so a fast but wrong variant shows). A variant that fails is recorded with its
     error and the sweep goes on. CONFIG is restored afterwards. cases: (profile, T) pairs or (name, B, T,
-    H, K, V) tuples; timer: fn -> ms (default do_bench medians); check_T: length of the gradient check."""
+    H, K, V) tuples; timer: fn -> ms (default do_bench medians); check_T: length of the gradient check;
+    bandwidth_gbs: the copy bandwidth measured in the same process, to give each backward its floor in ms."""
     from glalearn import chunk_gla, flash, flash_gla
     from glalearn.numerics import random_gla_inputs, relative_rmse
 
@@ -414,11 +417,16 @@ def sweep(variants, cases=SWEEP_CASES, log=print, device="cuda", timer=None, che
                     do = torch.randn_like(o)
                     bwd = timer(lambda o=o, args=args, do=do: torch.autograd.grad(o, args, do, retain_graph=True))
                     c = kernel_costs(B, T, H, K, V)
-                    rec[label] = {"forward_ms": fwd, "backward_ms": bwd, "backward_bytes": c["backward_bytes"]}
+                    rec[label] = {"forward_ms": fwd, "backward_ms": bwd, "backward_bytes": c["backward_bytes"],
+                                  "backward_floor_bytes": c["backward_floor_bytes"]}
+                    if bandwidth_gbs:
+                        rec[label]["backward_floor_ms"] = c["backward_floor_bytes"] / (bandwidth_gbs * 1e9) * 1e3
                     del o, args
                 rec["kernels"] = kernel_resources()
-                log(f"{variant}: " + "  ".join(f"{k} fwd {v['forward_ms']:.3f} bwd {v['backward_ms']:.3f}"
-                                               for k, v in rec.items() if isinstance(v, dict) and "backward_ms" in v)
+                log(f"{variant}: " + "  ".join(
+                    f"{k} fwd {v['forward_ms']:.3f} bwd {v['backward_ms']:.3f}"
+                    + (f" ({v['backward_ms'] / v['backward_floor_ms']:.2f}x floor)" if "backward_floor_ms" in v else "")
+                    for k, v in rec.items() if isinstance(v, dict) and "backward_ms" in v)
                     + f"  worst grad error {max(errs.values()):.1e}")
             except Exception as exc:  # noqa: BLE001 - a broken variant is a result, not the end of the sweep
                 rec["error"] = f"{type(exc).__name__}: {exc}"[:2000]
@@ -434,7 +442,7 @@ def sweep(variants, cases=SWEEP_CASES, log=print, device="cuda", timer=None, che
 
 def offline_resources(shapes=(("P1", 4096), ("P2", 4096)), dtype=torch.bfloat16, gate_dtype=None, arch=90,
                       log=print) -> dict:
-    """Registers and spills of every kernel flash_gla launches (materialized forward and the backward),
+    """Registers and spills of every kernel flash_gla launches (materialized forward and both backwards),
     compiled for an sm_{arch} GPU on this machine, with no GPU: each launch is caught, compiled by
     Triton for that target and assembled by its ptxas with -v; nothing runs. Needs compiled (not
     interpreted) Triton. A reading, not the GPU's: the GPU machine's Triton (and ptxas) may allocate
@@ -523,7 +531,13 @@ def offline_resources(shapes=(("P1", 4096), ("P2", 4096)), dtype=torch.bfloat16,
             g = torch.empty(1, T, H, K, dtype=gate_dtype or dtype)
             flash.LAST_COMPILED.clear()
             flash.flash_forward(q, k, v, g, K**-0.5, None, 64, True, False)
-            flash.flash_backward(q, k, v, g, do, None, K**-0.5, None, 64)
+            default = flash.CONFIG["bwd_segmented"]
+            try:
+                for segmented in (False, True):  # both backward designs, whichever is the default
+                    flash.CONFIG["bwd_segmented"] = segmented
+                    flash.flash_backward(q, k, v, g, do, None, K**-0.5, None, 64)
+            finally:
+                flash.CONFIG["bwd_segmented"] = default
             out[f"{pname} T={T}"] = dict(flash.LAST_COMPILED)
             for name, r in flash.LAST_COMPILED.items():
                 log(f"{pname} T={T} {name:<34} " + ("  ".join(f"{a} {b}" for a, b in r.items())))
@@ -733,10 +747,12 @@ def main(argv=None) -> int:
         unknown = sorted({k for v in args.sweep for k in v} - set(flash.CONFIG))
         if unknown:
             parser.error(f"--sweep names CONFIG keys that do not exist: {unknown} (known: {sorted(flash.CONFIG)})")
-        results = sweep(args.sweep)
+        bandwidth = copy_bandwidth_gbs()
+        print(f"copy bandwidth {bandwidth:.0f} GB/s (read + write)")
+        results = sweep(args.sweep, bandwidth_gbs=bandwidth)
         if args.out:
             with open(args.out, "w") as f:
-                json.dump({"sweep": results, "config": dict(flash.CONFIG), "machine": machine(),
+                json.dump({"sweep": results, "copy_bandwidth_gbs": bandwidth, "config": dict(flash.CONFIG), "machine": machine(),
                            "command": "python -m glalearn.bench kernels " + " ".join(argv if argv is not None else sys.argv[1:])},
                           f, indent=1)
         return 0

@@ -12,15 +12,19 @@ float32 states, and the output kernel with both score paths inline. Non-material
 ``fused_forward_kernel`` keeps the state on-chip and walks the chunks in order, one program per
 (head, V block).
 
-Backward (segmented, the default): the chunk states recomputed the forward's way (never stored by the
+Backward (sequential, the default: the path the committed GPU benchmark timed): G by
+``chunk_cumsum_kernel``, one sequential state walk each way in float32 (``chunk_state_kernel``,
+``chunk_state_backward_kernel``), then ``chunk_dv_kernel`` and ``chunk_dqkg_kernel``, chunk-parallel,
+with both score paths inline.
+
+Backward (segmented, ``CONFIG["bwd_segmented"] = True``; exact in the interpreter tests, not yet timed
+on a GPU, so not the default): the chunk states recomputed the forward's way (never stored by the
 forward: ``segment_state_kernel``, ``segment_combine_kernel``), the state gradients by the same scheme
 run backwards (``segment_dstate_kernel``, then the combine walk in reverse), then one chunk-parallel
 ``chunk_bwd_kernel`` for dq, dk, dg (and dv where the key width fits one block; else
 ``chunk_bwd_dv_kernel``), single-product intra-chunk scores, dg by the gate-gradient trick; a second,
-mostly idle launch redoes exactly the chunks whose decay was too strong for the product.
-``CONFIG["bwd_segmented"] = False`` selects the earlier path: G by ``chunk_cumsum_kernel``, one
-sequential state walk each way in float32 (``chunk_state_kernel``, ``chunk_state_backward_kernel``),
-``chunk_dv_kernel`` and ``chunk_dqkg_kernel`` with both score paths inline.
+mostly idle launch redoes exactly the chunks whose decay was too strong for the product. Only this path
+reads the launch choices in ``SEGMENTED_BACKWARD_KEYS``.
 
 On a CPU the kernels run only in Triton's interpreter: set ``TRITON_INTERPRET=1`` in the environment
 before Triton is first imported.
@@ -57,7 +61,9 @@ from glalearn.forms._contract import check_power_of_two, empty_result, validate
 #   where the products round to bf16 anyway. output_fallback: "defer" (product-only output kernel, then
 #   a launch for the flagged chunks; flag_block flags per program of it) or "inline" (both paths in one
 #   kernel); output_maxnreg: register cap of the product-only kernel for blocks up to 64 wide.
-#   bwd_segmented: the segmented backward (False: the earlier sequential one). bwd_fuse_dv: dv inside
+#   bwd_segmented: the segmented backward (True) or the sequential one (False, the default until the
+#   segmented one is timed on a GPU). The segmented backward alone reads (SEGMENTED_BACKWARD_KEYS below):
+#   bwd_fuse_dv: dv inside
 #   chunk_bwd_kernel when one dqk_bk block holds the whole key width (else chunk_bwd_dv_kernel with
 #   bwd_dv_bk x bwd_dv_bv blocks); bwd_bv: the V block chunk_bwd_kernel walks; bwd_stages: its pipelining
 #   depth; bwd_fallback: "defer" (product-only kernels, then launches for the flagged chunks) or "inline";
@@ -72,9 +78,15 @@ CONFIG = {"sub": 16, "bk": 128, "bv": 128, "dqk_bk": 64, "state_bk": 32, "state_
           "state_stages": 3, "fused_warps": 8, "fused_stages": 3, "wide_head_block": 64, "fused_bv": None,
           "segment_programs": 256, "segment_bk": 64, "segment_bv": 64, "forward_cumsum": False, "bf16_states": True, "gate_scan": "product",
           "output_fallback": "defer", "output_maxnreg": 128, "flag_block": 16,
-          "bwd_segmented": True, "bwd_fuse_dv": True, "bwd_bv": 32, "bwd_dv_bk": 64, "bwd_dv_bv": 128,
+          "bwd_segmented": False, "bwd_fuse_dv": True, "bwd_bv": 32, "bwd_dv_bk": 64, "bwd_dv_bv": 128,
           "bwd_stages": 2, "bwd_fallback": "defer", "bwd_maxnreg": None, "bwd_dg_scan": "cumsum"}
 CONFIG.update(json.loads(os.environ.get("GLALEARN_FLASH_CONFIG", "{}")))
+# The launch choices that only the segmented backward (CONFIG["bwd_segmented"] = True) reads: the
+# forward and the sequential backward never look at them (tests/test_kernels.py records every CONFIG key
+# each path reads), so a run of the sequential backward does not depend on them, and a benchmark file
+# recorded before they existed still describes the library's default path.
+SEGMENTED_BACKWARD_KEYS = ("bwd_fuse_dv", "bwd_bv", "bwd_dv_bk", "bwd_dv_bv", "bwd_stages", "bwd_fallback",
+                           "bwd_maxnreg", "bwd_dg_scan")
 # The last compiled kernel of each name (for its register / spill / shared-memory report on a GPU).
 LAST_COMPILED: dict = {}
 
@@ -120,20 +132,23 @@ def _check_device(q: torch.Tensor) -> None:
     )
 
 
-def launch_blocks(K: int, V: int, config: dict | None = None) -> dict:
+def launch_blocks(K: int, V: int, config: dict | None = None, segmented_backward: bool = True) -> dict:
     """The block sizes the launches use for heads of K x V channels under ``config`` (default CONFIG),
     without touching a kernel (the cost model of ``glalearn.bench_kernels`` reads them too):
     BK, BV (chunk-parallel kernels), SBK, SBV (the sequential passes), segment_bk, segment_bv (the
-    segmented passes), DBK (chunk_dqkg_kernel / chunk_bwd_kernel), BBV (chunk_bwd_kernel's V block),
-    fuse_dv (dv computed inside chunk_bwd_kernel)."""
+    segmented passes), DBK (chunk_dqkg_kernel / chunk_bwd_kernel); with ``segmented_backward`` also
+    those of the segmented backward alone (read from its SEGMENTED_BACKWARD_KEYS): BBV (chunk_bwd_kernel's
+    V block), fuse_dv (dv computed inside chunk_bwd_kernel), DVBK, DVBV (chunk_bwd_dv_kernel's blocks)."""
     c = CONFIG if config is None else config
     kp, vp = max(16, _next_power_of_two(K)), max(16, _next_power_of_two(V))
     bk, bv = (c["bk"], c["bv"]) if max(K, V) <= 128 else (c["wide_head_block"],) * 2
     DBK = min(c["dqk_bk"], kp)
-    return {"BK": min(bk, kp), "BV": min(bv, vp), "SBK": min(c["state_bk"], kp), "SBV": min(c["state_bv"], vp),
-            "segment_bk": min(c["segment_bk"], kp), "segment_bv": min(c["segment_bv"], vp), "DBK": DBK,
-            "BBV": min(c["bwd_bv"], vp), "fuse_dv": bool(c["bwd_fuse_dv"]) and -(-K // DBK) == 1,
-            "DVBK": min(c["bwd_dv_bk"], kp), "DVBV": min(c["bwd_dv_bv"], vp)}
+    blocks = {"BK": min(bk, kp), "BV": min(bv, vp), "SBK": min(c["state_bk"], kp), "SBV": min(c["state_bv"], vp),
+              "segment_bk": min(c["segment_bk"], kp), "segment_bv": min(c["segment_bv"], vp), "DBK": DBK}
+    if segmented_backward:
+        blocks.update(BBV=min(c["bwd_bv"], vp), fuse_dv=bool(c["bwd_fuse_dv"]) and -(-K // DBK) == 1,
+                      DVBK=min(c["bwd_dv_bk"], kp), DVBV=min(c["bwd_dv_bv"], vp))
+    return blocks
 
 
 def _config(K: int, V: int, dtype: torch.dtype):
@@ -145,7 +160,7 @@ def _config(K: int, V: int, dtype: torch.dtype):
     products): 167k tokens/s with 64-blocks against 85k with 128-blocks for the model benchmark's
     K = 128, V = 256 heads. With bf16 inputs (the layer's behaviour since) 128-blocks measured 3%
     faster on the H200 (310.9k vs 301.1k tokens/s at T = 4096); kernels/NOTES.md has both."""
-    b = launch_blocks(K, V)
+    b = launch_blocks(K, V, segmented_backward=False)
     return b["BK"], b["BV"], b["SBK"], b["SBV"], _precision(dtype, CONFIG["precision"])
 
 
@@ -226,7 +241,7 @@ def segment_length(B, H, K, V, N, SBK, SBV, config: dict | None = None) -> int:
 
 def _segment_blocks(K, V):
     """State blocks of the segmented passes (forward and backward share them, and so their segments)."""
-    b = launch_blocks(K, V)
+    b = launch_blocks(K, V, segmented_backward=False)
     return b["segment_bk"], b["segment_bv"]
 
 

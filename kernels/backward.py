@@ -13,11 +13,11 @@ With dS_{n+1} the gradient reaching the state that *leaves* chunk n (dh[n] below
 q ⊙ dq - k ⊙ dk over the whole chunk and adding Σ_v S_{n+1} ⊙ dS_{n+1} is the same in exact
 arithmetic, but subtracts large nearly equal sums under strong decay.
 
-Launches of the segmented backward (the default, section below): segment_state_kernel and
+Launches of the segmented backward (CONFIG["bwd_segmented"] = True; section below): segment_state_kernel and
 segment_combine_kernel (the states, as in the forward), segment_dstate_kernel and
 segment_combine_kernel(REVERSE=True) (the state gradients), chunk_bwd_kernel (dq, dk, dg, and dv when the
 key width fits one block; else chunk_bwd_dv_kernel), each chunk-parallel kernel followed by a launch for
-the chunks flagged for the exact path. The sequential backward (CONFIG["bwd_segmented"] = False):
+the chunks flagged for the exact path. The sequential backward (CONFIG["bwd_segmented"] = False, the default):
 chunk_cumsum_kernel (G, unless the forward kept it), chunk_state_kernel (recompute h),
 chunk_state_backward_kernel (dh, dh0), chunk_dv_kernel, chunk_dqkg_kernel — the last two parallel over chunks.
 """

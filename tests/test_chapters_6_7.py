@@ -1,5 +1,6 @@
-"""Claims of chapter 7 as tests: the dg regrouping (inline code checked against the library's chunk form)
-and every statement its prose makes about the committed H200 benchmark.
+"""Claims of chapter 7 as tests: the dg regrouping (inline code checked against the library's chunk form),
+every statement its prose makes about the committed H200 benchmark, and section 7's byte accounting of
+the segmented backward against the cost model.
 
 The inline functions are the chapter's own code (copied from its cells).
 """
@@ -7,6 +8,7 @@ The inline functions are the chapter's own code (copied from its cells).
 import json
 import math
 from importlib import resources
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,7 +80,7 @@ def test_ch7_crossing_paths_lose_less_than_the_old_grouping_with_bf16_products(n
     assert relative_rmse(new, ref) < relative_rmse(old, ref) / 2
 
 
-# ----------------------------------------------------------------------------- chapter 7, sections 6-8 (the file)
+# ----------------------------------------------------------------------------- chapter 7, sections 6-9 (the file)
 @pytest.fixture(scope="module")
 def h200():
     with resources.files("glalearn").joinpath("assets/benchmarks/h200.json").open() as f:
@@ -95,8 +97,6 @@ def _ratios(h200, profile, key, other=FLA, method=OURS):
 
 
 def test_ch7_prose_claims_hold_for_the_committed_benchmark(h200):
-    from glalearn import flash
-
     fb = {p: _ratios(h200, p, "forward_backward_ms") for p in ("P1", "P2")}
     fw = {p: _ratios(h200, p, "forward_ms") for p in ("P1", "P2")}
     assert max(max(r.values()) for r in fb.values()) <= 1.0  # faster than fla in every row (fwd+bwd)
@@ -120,7 +120,86 @@ def test_ch7_prose_claims_hold_for_the_committed_benchmark(h200):
     regs = h200["kernels"]
     assert regs["chunk_output_kernel (defer)"]["n_regs"] == 252  # P2's 128-wide tiles (the report's last shapes)
     assert regs["chunk_output_kernel (flagged)"]["n_spills"] > 0
-    assert {k: v for k, v in flash.CONFIG.items() if h200["config"].get(k) != v} == {}  # "the library as it is"
+
+
+CHAPTER7 = Path(__file__).resolve().parents[1] / "chapters" / "07_flash_linear_attention.ipynb"
+
+
+def _ch7_outputs(kind):
+    """The stream outputs ("stream") or text/markdown outputs ("markdown") of chapter 7's cells, joined."""
+    cells = json.loads(CHAPTER7.read_text())["cells"]
+    if kind == "stream":
+        return "".join("".join(o.get("text", "")) for c in cells if c["cell_type"] == "code" for o in c["outputs"]
+                       if o.get("output_type") == "stream")
+    return "\n".join("".join(o["data"]["text/markdown"]) for c in cells if c["cell_type"] == "code"
+                     for o in c["outputs"] if "text/markdown" in o.get("data", {}))
+
+
+def test_ch7_the_benchmark_timed_the_librarys_default_paths(h200):
+    """Every setting the run recorded is the library's; the settings it lacks are the backward switch and
+    the launch choices only the segmented backward reads; the library's default backward is the
+    sequential one the run timed. The chapter prints the same comparison."""
+    from glalearn import flash
+
+    run = h200["config"]
+    assert flash.CONFIG["bwd_segmented"] is False
+    assert run.get("bwd_segmented", False) is False  # a run without the switch predates the segmented backward
+    assert set(run) <= set(flash.CONFIG)
+    assert {k: (run[k], v) for k, v in flash.CONFIG.items() if k in run and run[k] != v} == {}
+    unrecorded = [k for k in flash.CONFIG if k not in run]
+    assert set(unrecorded) <= set(flash.SEGMENTED_BACKWARD_KEYS) | {"bwd_segmented"}
+    out = _ch7_outputs("stream")
+    assert "settings the run recorded that differ from flash.CONFIG (run, library): {}\n" in out
+    assert f"settings the run did not record: {unrecorded}\n" in out
+    assert "  of which read by the forward or the sequential backward: []\n" in out
+    assert "  the backward flash.CONFIG selects: sequential\n" in out
+
+
+def test_ch7_segmented_backward_bytes_are_the_cost_model(h200):
+    """Section 7's byte accounting of both backwards at T = 16,384 (the cost model and the committed run)
+    against the paragraph the chapter formats, and the claims its prose makes about them."""
+    from glalearn import flash
+    from glalearn.bench_kernels import PROFILES, kernel_costs
+
+    text = _ch7_outputs("markdown")
+    out = _ch7_outputs("stream")
+    BW = h200["copy_bandwidth_gbs"] * 1e9
+    seq_kernels = ("chunk_cumsum_kernel", "chunk_state_kernel", "chunk_state_backward_kernel", "chunk_dv_kernel",
+                   "chunk_dqkg_kernel")
+    T = 16384
+    for pname, p in PROFILES.items():
+        B, H, K, V = p["tokens"] // T, p["H"], p["K"], p["V"]
+        seq, seg = (kernel_costs(B, T, H, K, V, config={**flash.CONFIG, "bwd_segmented": s}) for s in (False, True))
+        floor = seq["backward_floor_bytes"]
+        assert seg["backward_floor_bytes"] == floor
+        prof = h200["kernel_breakdown_fwd_bwd"][f"{pname} T={T} flash_gla (materialized)"]
+        assert set(seq["backward"]) == set(seq_kernels) and set(seq_kernels) <= set(prof)
+        seq_ms = sum(prof[n][1] for n in seq_kernels)
+        share = seq["backward_bytes"] / BW / (seq_ms / 1e3)
+        floor_ms = floor / BW * 1e3
+        at_share = seg["backward_bytes"] / BW * 1e3 / share
+        sb, gb = seq["backward_bytes"], seg["backward_bytes"]
+        assert (f"**{pname}**: the sequential backward must move {sb / 1e9:.2f} GB, {sb / floor:.2f}× its floor of "
+                f"{floor / 1e9:.2f} GB, and its launches took {seq_ms:.2f} ms in the profile "
+                f"({seq_ms / floor_ms:.1f}× the floor's {floor_ms:.3f} ms): {share:.0%} of the copy bandwidth") in text
+        assert (f"The segmented backward must move {gb / 1e9:.2f} GB, **{gb / floor:.2f}× the floor**; at the same "
+                f"{share:.0%} it would take about {at_share:.2f} ms ({at_share / floor_ms:.1f}× the floor), and within "
+                f"4× of the floor needs its launches to average {gb / floor / 4:.0%}") in text
+        assert f"{'backward':<38} {gb / 1e6:>7,.0f} {seg['backward_flops'] / 1e9:>6.1f}" in out
+        assert gb < sb and seg["backward_flops"] > seq["backward_flops"]  # "computes more and moves less"
+        assert gb / floor < 4 < seq_ms / floor_ms  # a floor ratio the measured sequential one misses
+        for walk in ("chunk_state_kernel", "chunk_state_backward_kernel"):  # "run well over their bytes"
+            assert prof[walk][1] > 1.5 * seq["backward"][walk]["bytes"] / BW * 1e3
+    # "P1's K = 64 does [fit one key block]; P2's K = 128 takes two blocks, and its dv comes from chunk_bwd_dv_kernel"
+    assert flash.launch_blocks(64, 64)["fuse_dv"] and not flash.launch_blocks(128, 128)["fuse_dv"]
+    assert "chunk_bwd_dv_kernel" not in kernel_costs(4, T, 16, 64, 64, config={**flash.CONFIG, "bwd_segmented": True})["backward"]
+    # "its count of chunk_dqkg_kernel at P2 is below section 6's" (section 6 counts v, do once per key block)
+    B, H, K, V, C, e = 1, 16, 128, 128, 64, 2
+    tokens, N = B * T * H, T // C
+    kb = math.ceil(K / min(h200["config"]["dqk_bk"], K))
+    section6 = tokens * ((2 * e + 4) * K + kb * 2 * e * V + 3 * e * K) + 8 * B * H * N * K * V
+    assert kernel_costs(B, T, H, K, V, config={**flash.CONFIG, "bwd_segmented": False})["backward"]["chunk_dqkg_kernel"]["bytes"] < section6
+    assert "has not been timed on a GPU yet" in text and 'flash.CONFIG["bwd_segmented"] = True' in text
 
 
 def _bytes(h200, B, T, H, K, V, C=64, e=2):

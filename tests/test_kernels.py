@@ -197,12 +197,13 @@ def test_mixed_gates_gradients():
         assert err <= TOL, (name, err)
 
 
-def test_bf16_operands_in_the_interpreter(flash_config):
+@pytest.mark.parametrize("segmented", [False, True])
+def test_bf16_operands_in_the_interpreter(flash_config, segmented):
     """precision="bf16" rounds the products' operands to bfloat16: bf16 inputs stay within the
-    GPU tolerances of DESIGN.md §2 (o 5e-3, gradients 1e-2)."""
+    GPU tolerances of DESIGN.md §2 (o 5e-3, gradients 1e-2), through both backwards."""
     from glalearn import flash_gla
 
-    flash_config.update(precision="bf16", bwd_precision="bf16", bwd_state_precision="bf16")
+    flash_config.update(precision="bf16", bwd_precision="bf16", bwd_state_precision="bf16", bwd_segmented=segmented)
     inputs = random_gla_inputs(B=1, T=130, H=2, K=32, V=32, seed=9, initial_state=True)
     for n in ("q", "k", "v", "g"):
         inputs[n] = inputs[n].to(torch.bfloat16)
@@ -266,10 +267,11 @@ def test_segmented_backward(flash_config, programs, seg, dqk_bk):
     at once from zero and joined by walks over the segments, then every chunk's gradients in one kernel.
     Exact for one segment (the whole sequence), segments of two chunks with a shorter last one, and one
     chunk per segment; with and without S_0, with and without a gradient on the final state; the whole
-    key width in one block (dv inside chunk_bwd_kernel) and in two (dv by chunk_bwd_dv_kernel)."""
+    key width in one block (dv inside chunk_bwd_kernel) and in two (dv by chunk_bwd_dv_kernel). Selected
+    explicitly: the library's default is the sequential backward."""
     from glalearn import flash
 
-    flash_config.update(segment_programs=programs, segment_bk=32, segment_bv=32, dqk_bk=dqk_bk)
+    flash_config.update(bwd_segmented=True, segment_programs=programs, segment_bk=32, segment_bv=32, dqk_bk=dqk_bk)
     # T = 130, C = 16: N = 9 chunks; B = 1, H = 2, K = 60, V = 20 in 32 x 32 state blocks: 4 blocks
     assert flash.segment_length(1, 2, 60, 20, 9, 32, 32) == seg
     assert flash.launch_blocks(60, 20)["fuse_dv"] == (dqk_bk == 64)
@@ -283,8 +285,9 @@ def test_segmented_backward(flash_config, programs, seg, dqk_bk):
                                      {"bwd_segmented": False}])
 def test_backward_on_mixed_gates(flash_config, variant):
     """Chunks of mild gates, of g = -30 (span far past SPAN_MAX: the flagged launch redoes them exactly)
-    and of a few hard-decaying channels, K = 32: every backward variant stays exact."""
-    flash_config.update(segment_programs=4, **variant)
+    and of a few hard-decaying channels, K = 32: every variant of the segmented backward, and the
+    sequential one, stays exact."""
+    flash_config.update({"segment_programs": 4, "bwd_segmented": True, **variant})
     inputs = random_gla_inputs(B=1, T=200, H=1, K=32, V=16, gate_normalizer=16.0, seed=8, initial_state=True)
     inputs["g"][:, 64:128] = -30.0
     inputs["g"][:, 128:192, :, :3] = -2.0
@@ -306,6 +309,46 @@ def test_backward_guard_is_needed(flash_config):
     dk = x["k"].grad
     assert not torch.isfinite(dk).all() or relative_rmse(dk, x64["k"].grad) > 1e-2
     assert relative_rmse(dk[:, :64], x64["k"].grad[:, :64]) <= TOL  # the mild first chunk is right
+
+
+class _ReadKeys(dict):
+    """A CONFIG that records every key read from it."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.read = set()
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self.read.add(key)
+        return super().get(key, default)
+
+
+def test_only_the_segmented_backward_reads_its_launch_keys(monkeypatch):
+    """flash.SEGMENTED_BACKWARD_KEYS are read by the segmented backward and by nothing else: the forward
+    (segmented and sequential state pass, both strategies) and the sequential backward never look at them,
+    so a run of the sequential backward (the default, and what the committed benchmark timed) does not
+    depend on them. Every key flash_gla reads, forward and backward, is recorded."""
+    from glalearn import flash, flash_gla
+
+    inputs = random_gla_inputs(B=1, T=70, H=1, K=32, V=16, seed=4, initial_state=True)
+    segmented_only = set(flash.SEGMENTED_BACKWARD_KEYS)
+    assert segmented_only <= set(flash.CONFIG) and "bwd_segmented" not in segmented_only
+    for segmented, programs, materialize in [(False, 256, True), (False, 0, True), (False, 256, False), (True, 256, True)]:
+        config = _ReadKeys({**flash.CONFIG, "bwd_segmented": segmented, "segment_programs": programs})
+        monkeypatch.setattr(flash, "CONFIG", config)
+        x = {n: t.clone().requires_grad_() for n, t in inputs.items()}
+        o, s = flash_gla(**x, output_final_state=True, materialize=materialize)
+        (o.sum() + s.sum()).backward()
+        assert torch.isfinite(x["g"].grad).all()
+        assert "bwd_segmented" in config.read and "span_max" in config.read
+        if segmented:
+            assert segmented_only <= config.read, segmented_only - config.read
+        else:
+            assert not config.read & segmented_only, (programs, materialize, config.read & segmented_only)
 
 
 def test_cost_model_names_the_launches_and_counts_the_floor(flash_config):
@@ -348,7 +391,8 @@ def test_layout_check_runs_every_strategy():
     from glalearn.bench_kernels import layout_check
 
     shapes = [("tiny", 1, 130, 2, 20, 16, True, True), ("tiny, no S_0", 2, 70, 1, 16, 20, False, False)]
-    results = layout_check(shapes, repeats=2, device="cpu", variants=({}, {"bwd_segmented": False}), log=lambda *_: None)
+    results = layout_check(shapes, repeats=2, device="cpu", variants=({"bwd_segmented": True}, {"bwd_segmented": False}),
+                           log=lambda *_: None)
     assert [(r["shape"], r["materialize"]) for r in results] == 2 * [
         ("tiny", True), ("tiny", False), ("tiny, no S_0", True), ("tiny, no S_0", False)]
     assert all(r["finite"] and r["repeatable"] for r in results)
@@ -357,9 +401,11 @@ def test_layout_check_runs_every_strategy():
 @pytest.mark.slow
 def test_every_launch_compiles_for_sm90_without_spilling_the_fast_kernels(tmp_path):
     """Triton compiles for an sm_90 GPU on this CPU machine (no GPU needed): every launch flash_gla makes
-    (forward and backward, P1 and P2 shapes) must compile — the interpreter accepts code the compiler
+    (forward and both backwards, P1 and P2 shapes) must compile — the interpreter accepts code the compiler
     rejects — and the product-only kernels must spill at most 64 bytes (the forward's output kernel under
-    its 128-register cap: 48; the backward's: 0; kernels/NOTES.md, v5)."""
+    its 128-register cap: 48; the segmented backward's: 0; kernels/NOTES.md, v5). The sequential
+    backward's chunk-parallel kernels hold both score paths inline, as the flagged launches do, and may
+    spill (its dq/dk/dg kernel does on the GPU too)."""
     import json
     import subprocess
     import sys
@@ -373,16 +419,18 @@ def test_every_launch_compiles_for_sm90_without_spilling_the_fast_kernels(tmp_pa
     assert set(reports) == {"P1 T=4096", "P2 T=4096"}
     for shape, launches in reports.items():
         assert "chunk_bwd_kernel (defer)" in launches and "segment_dstate_kernel" in launches, shape
+        assert {"chunk_state_backward_kernel", "chunk_dv_kernel", "chunk_dqkg_kernel"} <= set(launches), shape
         for name, r in launches.items():
             assert "error" not in r, (shape, name, r)
-            if "flagged" not in name:  # the exact path's launches may spill: they run only for flagged chunks
+            if "flagged" not in name and name not in ("chunk_dv_kernel", "chunk_dqkg_kernel"):  # the exact path's launches may spill: they run only for flagged chunks
                 assert r["spill_store_bytes"] <= 64, (shape, name, r)
 
 
 def test_sweep_records_each_variant_and_restores_the_config():
     """bench kernels --sweep on tiny inputs here (a counting timer instead of do_bench): one record per
     variant with its gradient errors (bf16 inputs with mixed gates, against float64), a failing variant
-    recorded with its error, CONFIG as it was afterwards."""
+    recorded with its error, CONFIG as it was afterwards; given a bandwidth, each backward's floor in ms.
+    The default backward (sequential) and the segmented one are both among the variants."""
     from glalearn import flash
     from glalearn.bench_kernels import sweep
 
@@ -394,11 +442,13 @@ def test_sweep_records_each_variant_and_restores_the_config():
         calls.append(1)
         return float(len(calls))
 
-    out = sweep([{}, {"bwd_dg_scan": "product"}, {"span_max": "not a number"}], cases=[("tiny", 1, 70, 2, 16, 16)],
-                log=lambda *_: None, device="cpu", timer=timer, check_T=150)
+    variants = [{}, {"bwd_segmented": True, "bwd_dg_scan": "product"}, {"span_max": "not a number"}]
+    out = sweep(variants, cases=[("tiny", 1, 70, 2, 16, 16)], log=lambda *_: None, device="cpu", timer=timer, check_T=150,
+                bandwidth_gbs=100.0)
     assert flash.CONFIG == before
-    assert [r["variant"] for r in out] == [{}, {"bwd_dg_scan": "product"}, {"span_max": "not a number"}]
+    assert [r["variant"] for r in out] == variants
     for r in out[:2]:
-        assert set(r["tiny"]) == {"forward_ms", "backward_ms", "backward_bytes"}
+        assert set(r["tiny"]) == {"forward_ms", "backward_ms", "backward_bytes", "backward_floor_bytes", "backward_floor_ms"}
+        assert r["tiny"]["backward_floor_ms"] == pytest.approx(r["tiny"]["backward_floor_bytes"] / 1e11 * 1e3)
         assert max(r["grad_errors"].values()) <= 1e-2, r["grad_errors"]  # bf16 tolerance (DESIGN.md §2)
     assert "error" in out[2] and "tiny" not in out[2]

@@ -1,5 +1,6 @@
 """flash_gla compiled on a CUDA GPU in bf16 (DESIGN.md §2): o within 5e-3, gradients within 1e-2 of
-float64, no NaN/inf for extreme gates, T = 65,536 and odd head sizes. Skipped without CUDA.
+float64, no NaN/inf for extreme gates, T = 65,536 and odd head sizes, through both backwards (the
+``backward`` fixture: sequential, the default, and segmented). Skipped without CUDA.
 
 The reference is the float64 chunk form (itself checked against the float64 recurrence to 1e-5 in
 tests/test_forms.py) on the same bf16-rounded inputs; for small T the recurrence itself.
@@ -44,6 +45,24 @@ def _run(inputs, materialize, with_grads=True):
     return (o, o_ref), (s, s_ref), grads
 
 
+@pytest.fixture
+def flash_config():
+    """Change glalearn.flash.CONFIG for one test, restored afterwards."""
+    from glalearn import flash
+
+    saved = dict(flash.CONFIG)
+    yield flash.CONFIG
+    flash.CONFIG.clear()
+    flash.CONFIG.update(saved)
+
+
+@pytest.fixture(params=["sequential", "segmented"])
+def backward(request, flash_config):
+    """Each test that takes it runs through both backwards (CONFIG["bwd_segmented"] False and True)."""
+    flash_config["bwd_segmented"] = request.param == "segmented"
+    return request.param
+
+
 def _bf16_inputs(B, T, H, K, V, seed, norm=16.0, initial_state=True):
     inputs = random_gla_inputs(B=B, T=T, H=H, K=K, V=V, gate_normalizer=norm, seed=seed,
                                initial_state=initial_state, device="cuda")
@@ -56,7 +75,7 @@ def _bf16_inputs(B, T, H, K, V, seed, norm=16.0, initial_state=True):
 @pytest.mark.parametrize("T,K,V,norm", [(1, 16, 16, 16.0), (63, 64, 64, 1.0), (200, 60, 100, 16.0),
                                         (1000, 128, 128, 16.0), (1000, 100, 60, 0.1), (4100, 64, 64, 16.0),
                                         (300, 32, 32, 1.0)])
-def test_bf16_matches_float64(materialize, T, K, V, norm):
+def test_bf16_matches_float64(backward, materialize, T, K, V, norm):
     inputs = _bf16_inputs(2, T, 3, K, V, seed=T + K, norm=norm)
     (o, o_ref), (s, s_ref), grads = _run(inputs, materialize)
     assert o.dtype == torch.bfloat16 and s.dtype == torch.float32
@@ -70,7 +89,7 @@ def test_bf16_matches_float64(materialize, T, K, V, norm):
 @pytest.mark.parametrize("initial_state", [True, False])
 @pytest.mark.parametrize("materialize", [True, False])
 @pytest.mark.parametrize("K,V", [(60, 60), (100, 100)])
-def test_strong_gates_long_sequence_odd_heads(materialize, K, V, initial_state):
+def test_strong_gates_long_sequence_odd_heads(backward, materialize, K, V, initial_state):
     """g = -30 per step, T = 65,536 (B = 1), K = V = 60 and 100, with and without S_0: finite, and right."""
     inputs = _bf16_inputs(1, 65536, 2, K, V, seed=K, initial_state=initial_state)
     inputs["g"][:, : 65536 // 2] = -30.0  # the first half forgets everything at every step
@@ -83,7 +102,7 @@ def test_strong_gates_long_sequence_odd_heads(materialize, K, V, initial_state):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_other_dtypes(dtype):
+def test_other_dtypes(backward, dtype):
     inputs = random_gla_inputs(B=2, T=300, H=2, K=64, V=64, seed=7, initial_state=True, device="cuda")
     for n in ("q", "k", "v", "g"):
         inputs[n] = inputs[n].to(dtype)
@@ -108,17 +127,6 @@ def test_output_fully_written():
     assert torch.equal(o1, o1_again)  # deterministic: no race between programs
 
 
-@pytest.fixture
-def flash_config():
-    """Change glalearn.flash.CONFIG for one test, restored afterwards."""
-    from glalearn import flash
-
-    saved = dict(flash.CONFIG)
-    yield flash.CONFIG
-    flash.CONFIG.clear()
-    flash.CONFIG.update(saved)
-
-
 def _mixed_bf16_inputs(T, K, V, seed):
     """Mild gates, a stretch of g = -30 that starts and ends inside chunks, and a stretch where three
     channels decay hard: chunks of every kind for the flagged launches."""
@@ -129,7 +137,7 @@ def _mixed_bf16_inputs(T, K, V, seed):
 
 
 @pytest.mark.parametrize("K,V", [(64, 64), (128, 128), (100, 60)])
-def test_mixed_gates_bf16(K, V):
+def test_mixed_gates_bf16(backward, K, V):
     (o, o_ref), (s, s_ref), grads = _run(_mixed_bf16_inputs(1000, K, V, seed=K + V), True)
     assert relative_rmse(o, o_ref) <= O_TOL and relative_rmse(s, s_ref) <= O_TOL
     for name, (got, ref) in grads.items():
@@ -139,9 +147,10 @@ def test_mixed_gates_bf16(K, V):
 
 @pytest.mark.parametrize("K,V,T,norm", [(64, 64, 2048, 16.0), (128, 128, 1024, 1.0), (60, 100, 777, 0.1)])
 def test_segmented_backward_matches_the_sequential_one(flash_config, K, V, T, norm):
-    """The segmented backward (the default) and the earlier sequential one (CONFIG["bwd_segmented"] =
-    False), bf16, same inputs: both within the tolerances of float64, and close to each other."""
+    """The segmented backward (CONFIG["bwd_segmented"] = True) and the sequential one (False, the
+    default), bf16, same inputs: both within the tolerances of float64, and close to each other."""
     inputs = _bf16_inputs(2, T, 4, K, V, seed=T + K, norm=norm)
+    flash_config["bwd_segmented"] = True
     torch.manual_seed(0)
     new = _run(inputs, True)
     flash_config["bwd_segmented"] = False
