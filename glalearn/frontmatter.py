@@ -72,8 +72,9 @@ CHAPTERS: tuple[Chapter, ...] = (
              "results/overfitting_run_2700_steps.json", "results/length_extrapolation.json",
              "results/bench_model.json", "benchmarks/h200.json")),
     Chapter(10, "10_recall_and_the_gate", "Recall and the gate",
-            "MQAR (a CPU miniature and the paper's grid on a GPU at a fortieth of its budget) and the gate "
-            "ablation", 30, ("results/recall_gpu.json", "results/recall_gpu_long.json")),
+            "MQAR on a CPU grid with seeds and curves; why every linear mixer can sit at chance (three causes, "
+            "found one change at a time); the gate ablation; inside a trained GLA", 35,
+            ("results/recall_gpu.json", "results/recall_gpu_long.json")),
     Chapter(11, "11_scaling_out", "Scaling out: data parallelism, your own corpus, FSDP2",
             "data parallelism (torchrun, DDP, FSDP2), training on your own corpus, measured 1→2 GPU scaling",
             30, ("results/scaling_*.json",)),

@@ -287,3 +287,69 @@ def test_ch9_throughput_table_is_the_file():
 
 def test_ch9_prose_types_only_definitions():
     assert prose_numbers(CH9) <= CH9_DEFINITIONS, prose_numbers(CH9) - CH9_DEFINITIONS
+
+
+# --------------------------------------------------------------------------------------------- chapter 10
+CH10 = "10_recall_and_the_gate"
+# sizes, seeds and settings the chapter defines, the paper's budget and constants, its thresholds
+CH10_DEFINITIONS = {"0", "1", "2", "3", "4", "5", "7", "8", "10", "15", "16", "24", "64", "100", "128", "256", "1200",
+                    "1024", "8000", "25000", "8192", "0.1", "0.02", "2i", "340", "10B", "1.3", "-100", "2024", "2021",
+                    "60", "6", "10.1", "10.2", "648"}  # exercise IDs; "gla,64,8" (a command's argument)
+
+
+def test_ch10_miniature_paragraph_is_the_recall_file():
+    from glalearn import experiments as ex
+
+    recall = ex.load_results("recall_cpu.json")
+    s = recall["settings"]
+    (n,) = s["num_pairs"]
+    last = s["widths"][-1]
+    rows = {(r["mixer"], r["width"]): r for r in recall["summary"]}
+    text = " ".join(next(md for md in markdown_outputs(CH10) if "What the miniature shows" in md).split())
+    acc = {m: rows[(m, last)]["accuracy"] for m in ex.MIXERS}
+    assert (f"GLA {acc['gla']:.3f}, scalar gate {acc['scalar']:.3f}, fixed decay {acc['fixed']:.3f}, "
+            f"no gate {acc['none']:.3f}") in text
+    gap = acc["gla"] - max(acc[m] for m in ("scalar", "fixed", "none"))
+    assert ("ahead of every other linear mixer by" in text) == (gap > 0)
+    lowest = min(min(rows[("softmax", w)]["per_seed"]) for w in s["widths"])
+    assert f"lowest run {lowest:.3f}" in text and lowest > 0.9  # "softmax attention solves the task"
+    assert all(rows[(m, last)]["accuracy"] > 2 / s["vocab_size"] for m in ("gla", "scalar", "fixed", "none"))
+    assert f"{s['steps']:,} steps of {s['batch_size']} sequences" in text
+
+
+def test_ch10_bisection_paragraph_is_the_cause_file():
+    from glalearn import experiments as ex
+
+    cause = ex.load_results("cause_cpu.json")
+    runs = {(r["variant"], r["mixer"]): r["final_accuracy"] for r in cause["runs"]}
+    text = " ".join(next(md for md in markdown_outputs(CH10) if "What the bisection shows" in md).split())
+    for acc in runs.values():
+        assert f"{acc:.3f}" in text
+    plateau = 5 * 2 / cause["settings"]["vocab_size"]
+    gla = {v: runs[(v, "gla")] for v, _, _ in ex.CAUSE_VARIANTS}
+    needed = gla["all three"] >= plateau and all(a < plateau for v, a in gla.items()
+                                                 if v.endswith(" only") or v.startswith("all but"))
+    assert ("all three are needed" in text) == needed
+    # "the GPU grid's picture, on a CPU": softmax learns, the linear mixers do not
+    assert runs[("before", "softmax")] > 0.9 and max(runs[("before", "gla")], runs[("before", "none")]) < plateau
+    gpu = ex.load_results("recall_gpu.json")
+    linear = [r["final_accuracy"] for r in gpu["runs"] if r["mixer"] != "softmax"]
+    assert max(linear) < 5 * 2 / gpu["settings"]["vocab_size"]  # §3's "stay at chance"
+    assert min(r["final_accuracy"] for r in gpu["runs"] if r["mixer"] == "softmax") > 0.9
+
+
+def test_ch10_ablation_paragraph_is_the_ablation_file():
+    from glalearn import experiments as ex
+
+    ablation = ex.load_results("ablation_cpu.json")
+    loss = {r["name"]: r["final_val_loss"] for r in ablation["runs"]}
+    text = " ".join(next(md for md in markdown_outputs(CH10) if "perplexity columns" in md).split())
+    gates = ["gla", "scalar gate", "fixed decay", "no gate"]
+    same = sorted(gates, key=loss.get) == sorted(gates, key=ablation["paper_table4_ppl"].get)
+    assert ("*The gate: the paper's order.*" in text) == same
+    for g in gates:
+        assert f"{loss[g]:.3f}" in text
+
+
+def test_ch10_prose_types_only_definitions():
+    assert prose_numbers(CH10) <= CH10_DEFINITIONS, prose_numbers(CH10) - CH10_DEFINITIONS

@@ -490,3 +490,22 @@ def test_cause_experiment_runs_every_variant_and_validates(tmp_path, one_thread)
         ex.validate_results(bad)
     with pytest.raises(SystemExit):
         ex.main(["cause", "--preset", "micro", "--jobs", "0"])
+
+
+def test_committed_cause_results():
+    """Chapter 10 §3's bisection: the cause command's file, every variant and mixer once, the preset's cell."""
+    data = ex.load_results("cause_cpu.json")
+    assert data["command"].startswith("python -m glalearn.experiments cause --preset cpu") and data["preset"] == "cpu"
+    assert ex.preset_from_settings(data["settings"]) == ex.CAUSE_PRESETS["cpu"]
+    assert [(v["name"], v["overrides"], tuple(v["mixers"])) for v in data["variants"]] == \
+        [(n, json.loads(json.dumps(o)), m) for n, o, m in ex.CAUSE_VARIANTS]
+    assert [(r["variant"], r["mixer"]) for r in data["runs"]] == [(n, m) for n, _, ms in ex.CAUSE_VARIANTS for m in ms]
+    cell = ex.CAUSE_PRESETS["cpu"]
+    for r in data["runs"]:
+        assert (r["width"], r["num_pairs"], r["seed"], r["lr"]) == (cell.widths[0], cell.num_pairs[0], cell.seeds[0],
+                                                                    cell.lrs[0])
+        assert r["curve"][-1]["step"] == cell.steps
+        conv = r["model_config"].get("qkv_conv", 0)
+        if r["mixer"] != "softmax":  # the settings of the variant are the ones the model was built with
+            assert (conv > 0) == (r["overrides"]["conv_on"] == "qkv")
+            assert r["model_config"].get("output_gate_bias") == r["overrides"]["output_gate_bias"]
