@@ -23,9 +23,9 @@ from glalearn.numerics import random_gla_inputs
 
 
 def direct_chunk_prototype(q, k, v, g, chunk_size: int = 64):
-    """The unstable baseline exactness is measured against: intra-chunk (Q⊙Λ)(K/Λ)^T as one product.
+    """The unstable baseline exactness is measured against: intra-chunk (q ⊙ Λ)(k / Λ)ᵀ as one product.
 
-    K/Λ = k·exp(-G) overflows float32 once a chunk's cumulative decay passes -88, so this is NOT a
+    k / Λ = k·exp(-G) overflows float32 once a chunk's cumulative decay passes -88, so this is NOT a
     form of the library; it only prices what the exact forms pay for their bounded exponents.
     """
     from glalearn.forms.chunk import chunk_states, from_chunks, to_chunks

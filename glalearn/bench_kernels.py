@@ -203,7 +203,7 @@ def kernel_costs(B, T, H, K, V, C=64, e=2, g_bytes=None, config=None, initial_st
     N = -(-T // C)
     tok = B * T * H  # (token, head) pairs
     states = B * H * N * K * V  # numbers in N chunk states
-    small = B * H * N * K  # one K-vector per chunk (Λ_n, Λ'_n)
+    small = B * H * N * K  # one K-vector per chunk (λ_[n], λ′_[n])
     pieces = 1 if eg == 2 else 3  # bf16 pieces of the gate scan products
     eh = 2 if (e == 2 and cfg["bf16_states"]) else 4  # bytes per number of the segment-local states
     kv_state = 4 * B * H * K * V  # one float32 state per head (S_0, S_T, their gradients)
