@@ -18,14 +18,14 @@ from datetime import datetime, timezone
 import torch
 
 from glalearn import chunk_gla, parallel_gla, recurrent_gla, two_level_chunk_gla
-from glalearn.clierror import guarded
+from glalearn.clierror import OneLineParser, guarded
 from glalearn.numerics import random_gla_inputs
 
 
 def direct_chunk_prototype(q, k, v, g, chunk_size: int = 64):
-    """The unstable baseline exactness is measured against: intra-chunk (Q⊙Λ)(K/Λ)^T as one product.
+    """The unstable baseline exactness is measured against: intra-chunk (q ⊙ Λ)(k / Λ)ᵀ as one product.
 
-    K/Λ = k·exp(-G) overflows float32 once a chunk's cumulative decay passes -88, so this is NOT a
+    k / Λ = k·exp(-G) overflows float32 once a chunk's cumulative decay passes -88, so this is NOT a
     form of the library; it only prices what the exact forms pay for their bounded exponents.
     """
     from glalearn.forms.chunk import chunk_states, from_chunks, to_chunks
@@ -105,9 +105,9 @@ def machine_info() -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m glalearn.bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="what", required=True)
+    parser = OneLineParser(prog="python -m glalearn.bench", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True, metavar="{forms,kernels,model}")
     forms = sub.add_parser("forms", help="time the GLA forms on the CPU")
     forms.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096])
     forms.add_argument("--repeats", type=int, default=5)
@@ -118,6 +118,8 @@ def main(argv=None) -> int:
     if args.what != "forms":
         module = importlib.import_module(f"glalearn.bench_{args.what}")
         return module.main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if min(args.lengths) < 1:
         raise ValueError(f"--lengths must be whole numbers of at least 1, got {min(args.lengths)}")
     if args.repeats < 1:

@@ -22,12 +22,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import sys
 import time
 from datetime import datetime, timezone
 
 import torch
+
+from glalearn.clierror import OneLineParser, UserError, guarded
 
 PROFILES = {
     "P1": {"H": 16, "K": 64, "V": 64, "tokens": 65536},
@@ -200,7 +203,7 @@ def kernel_costs(B, T, H, K, V, C=64, e=2, g_bytes=None, config=None, initial_st
     N = -(-T // C)
     tok = B * T * H  # (token, head) pairs
     states = B * H * N * K * V  # numbers in N chunk states
-    small = B * H * N * K  # one K-vector per chunk (Λ_n, Λ'_n)
+    small = B * H * N * K  # one K-vector per chunk (λ_[n], λ′_[n])
     pieces = 1 if eg == 2 else 3  # bf16 pieces of the gate scan products
     eh = 2 if (e == 2 and cfg["bf16_states"]) else 4  # bytes per number of the segment-local states
     kv_state = 4 * B * H * K * V  # one float32 state per head (S_0, S_T, their gradients)
@@ -702,17 +705,59 @@ def plot(result: dict, path: str) -> None:
     plt.close(fig)
 
 
+def _json(text: str):
+    return json.loads(text)
+
+
+_json.__name__ = "JSON"  # argparse's message: "argument --config: invalid JSON value: '{bad'"
+
+
+def _check_config(name: str, value, known) -> None:
+    """A CONFIG variant (``--config``, each entry of ``--sweep``): a JSON object of known keys."""
+    if not isinstance(value, dict):
+        raise UserError(f"{name} must be a JSON object of flash_gla CONFIG keys, e.g. '{{\"warps\": 4}}'; "
+                        f"got {value!r}")
+    unknown = sorted(set(value) - set(known))
+    if unknown:
+        raise UserError(f"{name} names CONFIG keys that do not exist: {unknown} (known: {sorted(known)})")
+
+
+def _check_args(args) -> None:
+    """Every number and JSON argument, before anything is compiled or the GPU is asked for."""
+    from glalearn import flash
+
+    tokens = min(PROFILES[p]["tokens"] for p in args.profiles)
+    bad = [T for T in args.lengths if not 1 <= T <= tokens]
+    if bad:
+        raise UserError(f"--lengths must be whole numbers from 1 to {tokens:,} (the tokens per batch of "
+                        f"{', '.join(args.profiles)}; B = tokens / T), got {bad[0]}")
+    if not (math.isfinite(args.rep_ms) and args.rep_ms > 0):
+        raise UserError(f"--rep-ms must be a finite number of milliseconds > 0, got {args.rep_ms}")
+    if args.config is not None:
+        _check_config("--config", args.config, flash.CONFIG)
+    if args.sweep is not None:
+        if not isinstance(args.sweep, list) or not args.sweep:
+            raise UserError(f"--sweep must be a non-empty JSON list of objects (CONFIG variants), got {args.sweep!r}")
+        for i, variant in enumerate(args.sweep):
+            _check_config(f"--sweep entry {i}", variant, flash.CONFIG)
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m glalearn.bench kernels", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    """``python -m glalearn.bench kernels``: a user error is one line on stderr and exit status 2."""
+    return guarded("python -m glalearn.bench kernels", _run, argv)
+
+
+def _run(argv=None) -> int:
+    parser = OneLineParser(prog="python -m glalearn.bench kernels", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="JSON file to write (a PNG plot is written beside it)")
     parser.add_argument("--profiles", nargs="+", default=list(PROFILES), choices=list(PROFILES))
     parser.add_argument("--lengths", nargs="+", type=int, default=LENGTHS)
     parser.add_argument("--no-fla", action="store_true", help="skip fla even if it is importable")
     parser.add_argument("--only", nargs="+", help="time only methods whose name starts with one of these (flash_gla, fla, Flash)")
-    parser.add_argument("--config", type=json.loads, default=None,
+    parser.add_argument("--config", type=_json, default=None,
                         help='override flash_gla launch settings, e.g. \'{"warps": 4}\'')
-    parser.add_argument("--sweep", type=json.loads, default=None, metavar="JSON",
+    parser.add_argument("--sweep", type=_json, default=None, metavar="JSON",
                         help='instead of the benchmark: time these CONFIG variants, e.g. \'[{}, {"bwd_bv": 64}]\' '
                              "(forward and backward alone at P1/P2 T=16384 and 1024, registers, gradient errors)")
     parser.add_argument("--rep-ms", type=float, default=TIMING["rep_ms"],
@@ -723,6 +768,7 @@ def main(argv=None) -> int:
                         help="instead of timing: allocate these shapes' inputs first, then forward and backward "
                              "of each (finite and repeatable?); exit 1 otherwise. Run it under compute-sanitizer")
     args = parser.parse_args(argv)
+    _check_args(args)
     TIMING["rep_ms"] = args.rep_ms
     if args.offline_registers:
         from glalearn import flash
@@ -735,18 +781,13 @@ def main(argv=None) -> int:
                 json.dump({"offline_registers": result, "config": dict(flash.CONFIG)}, f, indent=1)
         return 0
     if not torch.cuda.is_available():
-        print("the kernel benchmark needs a CUDA GPU (chapter 7 reads the committed results instead)")
-        return 1
+        raise UserError("needs a CUDA GPU (torch.cuda.is_available() is False); chapter 7 reads the committed "
+                        "results instead, and --offline-registers compiles every launch without one")
     from glalearn import flash
 
     if args.config:
         flash.CONFIG.update(args.config)
     if args.sweep is not None:
-        if not isinstance(args.sweep, list) or not all(isinstance(v, dict) for v in args.sweep):
-            parser.error(f"--sweep must be a JSON list of objects (CONFIG variants), got {args.sweep!r}")
-        unknown = sorted({k for v in args.sweep for k in v} - set(flash.CONFIG))
-        if unknown:
-            parser.error(f"--sweep names CONFIG keys that do not exist: {unknown} (known: {sorted(flash.CONFIG)})")
         bandwidth = copy_bandwidth_gbs()
         print(f"copy bandwidth {bandwidth:.0f} GB/s (read + write)")
         results = sweep(args.sweep, bandwidth_gbs=bandwidth)

@@ -40,7 +40,7 @@ import time
 
 import torch
 
-from glalearn.clierror import guarded
+from glalearn.clierror import OneLineParser, guarded
 from glalearn.model import GLAConfig, TransformerConfig, build_model
 
 SHAPE = {"d_model": 1024, "n_layers": 8, "num_heads": 4, "vocab_size": 32000}
@@ -288,8 +288,8 @@ def _check_lengths(lengths, tokens) -> None:
 
 
 def _run(argv) -> int:
-    parser = argparse.ArgumentParser(prog="python -m glalearn.bench model", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="python -m glalearn.bench model", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
     parser.add_argument("--tokens", type=int, default=32768, help="tokens per batch")
     parser.add_argument("--repeats", type=int, default=10)
@@ -300,10 +300,13 @@ def _run(argv) -> int:
     parser.add_argument("--profile-length", type=int, default=4096, help="T of the profiled step (default 4096)")
     args = parser.parse_args(argv)
     _check_lengths(args.lengths, args.tokens)
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be a whole number of at least 1, got {args.repeats}")
     if args.profile_out and args.profile_length not in args.lengths:
         raise ValueError(f"--profile-length ({args.profile_length}) must be one of --lengths {args.lengths}")
     if not torch.cuda.is_available():
-        raise ValueError("python -m glalearn.bench model needs a CUDA GPU (torch.cuda.is_available() is False)")
+        raise ValueError("needs a CUDA GPU (torch.cuda.is_available() is False); chapter 9 reads the committed "
+                         "results instead")
     from glalearn.flash import CONFIG
     from glalearn.train import machine_info
 

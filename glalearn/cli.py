@@ -8,25 +8,16 @@ argparse's own errors (an unknown option, a value that is not a number) follow t
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 
-from glalearn.clierror import UserError, guarded
+from glalearn.clierror import OneLineParser, UserError, guarded
 
 COMMANDS = {
     "doctor": ("glalearn.diagnostics", "check this machine: versions, GPU or Triton interpreter, widgets"),
     "grade": ("glalearn.grade", "grade exercise notebooks: glalearn grade NOTEBOOK... [--json FILE]"),
     "progress": ("glalearn.progress", "your latest result on every exercise"),
 }
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are :class:`UserError` s (one line through ``guarded``), not a
-    usage block and ``SystemExit(2)``."""
-
-    def error(self, message: str):
-        raise UserError(message)
 
 
 def usage() -> str:

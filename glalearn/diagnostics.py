@@ -337,7 +337,7 @@ def doctor(env=None) -> DoctorReport:
 
 def main(argv=None) -> int:
     """`glalearn doctor [--json]`: print the report; exit 0 when there is no problem, else 1."""
-    from glalearn.cli import OneLineParser
+    from glalearn.clierror import OneLineParser
 
     parser = OneLineParser(prog="glalearn doctor", description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print the report as JSON")

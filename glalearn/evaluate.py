@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from glalearn.clierror import guarded
+from glalearn.clierror import OneLineParser, guarded
 from glalearn.data import eval_windows, shakespeare_splits, shakespeare_tokenizer
 from glalearn.model import CausalLM
 
@@ -87,8 +87,8 @@ def validation_loss(model: CausalLM, ids, context: int, batch_size: int = 8, max
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m glalearn.evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="python -m glalearn.evaluate", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", metavar="MODEL", help="shakespeare-gla, shakespeare-transformer or a folder")
     parser.add_argument("--context", type=int, nargs="+", default=[256, 1024, 4096, 8192])
     parser.add_argument("--batch-size", type=int, default=8)

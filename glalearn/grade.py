@@ -461,7 +461,7 @@ def _usage_problem(path: Path) -> str:
 
 
 def main(argv=None) -> int:
-    from glalearn.cli import OneLineParser, UserError
+    from glalearn.clierror import OneLineParser, UserError
 
     parser = OneLineParser(prog="glalearn grade", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)

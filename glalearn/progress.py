@@ -273,7 +273,7 @@ def report(exercises_dir: Path | None = None) -> str:
 
 
 def main(argv=None) -> int:
-    from glalearn.cli import OneLineParser
+    from glalearn.clierror import OneLineParser
 
     parser = OneLineParser(prog="glalearn progress", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,4 +1,4 @@
-"""Measure data-parallel scaling of GLA training on one machine (appendix chapter 11, issue 9).
+"""Measure data-parallel scaling of GLA training on one machine (appendix chapter 11).
 
     PYTHONPATH=. python -m glalearn.scaling run-all --gpus 2 --out /tmp/scaling \\
         --json glalearn/assets/results/scaling_h100.json
@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 from glalearn.checkpoint import list_checkpoints
-from glalearn.clierror import guarded
+from glalearn.clierror import OneLineParser, guarded
 
 SCHEMA_VERSION = 1
 RESULTS_GLOB = "scaling_*.json"
@@ -312,9 +312,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m glalearn.scaling", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="cmd", required=True)
+    parser = OneLineParser(prog="python -m glalearn.scaling", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="{run-all,worker}")
     ra = sub.add_parser("run-all", help="launch every run with torchrun and merge them into one JSON")
     ra.add_argument("--gpus", type=int, default=2, help="the most ranks to run (default 2)")
     ra.add_argument("--out", required=True, help="folder for the runs' logs and the merged JSON")

@@ -20,13 +20,15 @@ rename) every ``--checkpoint-every`` steps and after the last; the previous one 
 new one is in place, so a crash or a kill never leaves a half-written checkpoint. ``load_checkpoint(OUT)``
 loads the latest. An OUT that already holds a run is an error unless ``--resume``, which checks the
 checkpoint against its manifest and names every missing or corrupt file instead of starting over.
-SIGINT (Ctrl-C) or SIGTERM finishes the current step, writes a checkpoint and exits with 130 (143 for
-SIGTERM), printing the command that resumes.
+SIGINT (Ctrl-C) or SIGTERM finishes the current step, writes a checkpoint, prints the command that
+resumes and exits with 128 + the signal's number, as a shell reports a process that a signal stopped:
+130 for SIGINT, 143 for SIGTERM, so a supervisor can tell a Ctrl-C from a kill. A second signal
+interrupts at once (the latest complete checkpoint stays loadable) and exits with 128 + its number.
 
 Batches are a pure function of (seed, step): step s samples one global batch of windows from a
 generator seeded with (seed, s). A resumed run therefore sees exactly the batches an uninterrupted one
 would, and a data-parallel run (``torchrun``, rank r of N) takes rows r·B/N ... (r+1)·B/N of that same
-global batch, so N ranks compute the gradient one process would (issue 9). Logging, the progress bar
+global batch, so N ranks compute the gradient one process would. Logging, the progress bar
 and checkpoints happen on rank 0 only. DDP by default; ``--fsdp`` shards parameters, gradients and AdamW
 moments with FSDP2 (``fully_shard`` per block, then the root), and gathers the full state on rank 0's
 CPU for each checkpoint, so the files are the same either way and a run resumes with any number of ranks.
@@ -49,7 +51,7 @@ import signal
 import sys
 import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import closing, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,7 +59,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from glalearn import checkpoint
-from glalearn.clierror import guarded
+from glalearn.clierror import OneLineParser, guarded
 from glalearn.data import (
     TOKENIZERS,
     load_corpus,
@@ -616,9 +618,18 @@ class TrainingInterrupted(KeyboardInterrupt):
         super().__init__(f"{signal.Signals(signum).name} after step {step} of {steps}")
 
 
+class SecondSignal(KeyboardInterrupt):
+    """A second SIGINT/SIGTERM while a stop was pending: training is interrupted at once (the latest
+    complete checkpoint stays loadable); ``python -m glalearn.train`` exits with 128 + its number."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"{signal.Signals(signum).name} while stopping")
+
+
 class _StopRequest:
     """While active (main thread only): the first SIGINT/SIGTERM is remembered, so that training stops
-    after the current step; a second one interrupts at once (KeyboardInterrupt)."""
+    after the current step; a second one interrupts at once (:class:`SecondSignal`)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -628,7 +639,7 @@ class _StopRequest:
 
     def _handle(self, signum, frame):
         if self.signum is not None:
-            raise KeyboardInterrupt
+            raise SecondSignal(signum)
         self.signum = signum
 
     def __enter__(self):
@@ -767,7 +778,9 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
         return flag.item() > 0
 
     interrupted_at = None
-    with (_StopRequest() if handle_signals else nullcontext()) as stop:
+    # the bar is closed on every way out (a second signal too), so a message after it starts a new line
+    with (_StopRequest() if handle_signals else nullcontext()) as stop, \
+            (closing(bar) if bar is not None else nullcontext()):
         for step in range(start_step, cfg.steps):
             lr = learning_rate(step, cfg)
             for group in optimizer.param_groups:
@@ -829,8 +842,6 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
                 break
             if paused:  # evaluation and checkpoints stay out of the throughput
                 t_last = time.perf_counter()
-    if bar is not None:
-        bar.close()
     if interrupted_at is not None:
         signum, done = interrupted_at
         raise TrainingInterrupted(signum, done, cfg.steps, checkpoint.latest_checkpoint(out) if dist.is_main else None)
@@ -863,8 +874,8 @@ def _resume_command(argv: list[str], dist: Dist) -> str:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m glalearn.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="python -m glalearn.train", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", required=True, choices=sorted(PRESETS))
     parser.add_argument("--out", required=True, help="folder for checkpoints and train_log.json (must not hold a "
                                                      "run yet, unless --resume)")
@@ -926,14 +937,14 @@ def main(argv=None) -> int:
                           f"{stop.step} of {stop.steps}; checkpoint in {stop.folder}. To continue: "
                           f"{_resume_command(argv, dist)}", file=sys.stderr)
             return 128 + stop.signum
-    except KeyboardInterrupt:  # before the first step, or a second Ctrl-C while a checkpoint was written
+    except KeyboardInterrupt as stop:  # Ctrl-C before the first step, or a second signal while stopping
         with _signals_ignored():
             latest = checkpoint.latest_checkpoint(Path(args.out))
             if dist.is_main:
                 where = (f"the latest complete checkpoint is {latest}. To continue: {_resume_command(argv, dist)}"
                          if latest is not None else "no checkpoint was written")
                 print(f"python -m glalearn.train: interrupted; {where}", file=sys.stderr)
-        return 130
+        return 128 + getattr(stop, "signum", signal.SIGINT)  # 130 for Ctrl-C, 143 for SIGTERM
     if dist.is_main:
         unit = "byte" if cfg.tokenizer == "byte" else "char"
         print(f"final validation loss {log['final_val_loss']:.4f} (nats/{unit}); checkpoint in {args.out}")

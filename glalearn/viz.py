@@ -52,7 +52,7 @@ def explorer_gate_weights(d_model: int = 32, key_dim: int = 4, low_rank_dim: int
 def gate_inputs(pattern: str, T: int, W1: torch.Tensor, W2: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """Tokens x [T, d_model] (float64) for one of the explorer's input patterns (chapter 1).
 
-    - "constant": the same token at every step, so the gate is constant and b_t = α^t per channel.
+    - "constant": the same token at every step, so the gate is constant and b_t = α^(t+1) per channel.
     - "reset": the constant token, except at t = T // 2 a token whose gate logits x W1 W2 all equal
       RESET_LOGIT (-40): that token tells every channel to forget.
     - "random": a fresh standard-normal token at every step.
@@ -98,15 +98,15 @@ class GateDecayCurves:
     retnet_mask: torch.Tensor
 
     def summary(self) -> str:
-        """One line per channel: α range, the decay after all T tokens (b_{T-1}, printed "b_T"), and RetNet's."""
+        """One line per channel: α range, the decay after all T tokens b_{T−1}, and RetNet's (head h = c)."""
         T, K = self.b.shape
         alpha = self.g.exp()
         lines = [f"τ = {self.tau:g}, bias = {self.bias:g}, pattern = {self.pattern!r}, T = {T}"]
         for c in range(K):
             lines.append(
                 f"  channel {c}: α_t in [{alpha[:, c].min():.3f}, {alpha[:, c].max():.3f}], "
-                f"b_T = {self.b[-1, c]:.2e}   (RetNet γ = {self.retnet_g[c].exp():.4f}, "
-                f"γ^T = {self.retnet_b[-1, c]:.2e})"
+                f"b_{{T−1}} = {self.b[-1, c]:.2e}   (RetNet head {c}: ρ_h = {self.retnet_g[c].exp():.4f}, "
+                f"b_{{T−1}} = ρ_h^T = {self.retnet_b[-1, c]:.2e})"
             )
         return "\n".join(lines)
 
@@ -118,9 +118,9 @@ def gate_decay_curves(tau: float = GATE_LOGIT_NORMALIZER, bias: float = 0.0, pat
 
     Args:
         tau: the gate logit normalizer τ > 0 (paper: 16).
-        bias: added to every channel's gate logit (b in logsigmoid(x W1 W2 + b) / τ).
+        bias: added to every channel's gate logit (b_α in logsigmoid(x W_α¹ W_α² + b_α) / τ).
         pattern: "constant", "reset" or "random" (see :func:`gate_inputs`).
-        T: time steps;  key_dim: K channels;  d_model: token width;  channel: which channel's mask.
+        T: tokens;  key_dim: K channels;  d_model: token width;  channel: which channel's mask.
         seed: fixes the gate weights and the tokens.
     Returns:
         GateDecayCurves with g, log_b, b [T, K], mask [T, T], and the RetNet counterparts (float64).
@@ -147,9 +147,9 @@ def gate_decay_curves(tau: float = GATE_LOGIT_NORMALIZER, bias: float = 0.0, pat
 
 def plot_gate_decay(b: torch.Tensor, ax=None, title: str = "cumulative decay b_t per channel",
                     label: str = "channel", mark: int | None = None):
-    """Line plot of the cumulative decay b_t [T, K], one line per channel, t = 1..T (chapter 1).
+    """Line plot of the cumulative decay b_t [T, K], one line per channel, t = 0..T−1 (chapter 1).
 
-    ``mark`` draws a dashed vertical line at that (0-based) step, e.g. a reset token. Returns the Axes.
+    ``mark`` draws a dashed vertical line at that token t, e.g. a reset token. Returns the Axes.
     """
     import matplotlib.pyplot as plt
 
@@ -157,15 +157,15 @@ def plot_gate_decay(b: torch.Tensor, ax=None, title: str = "cumulative decay b_t
         raise ValueError(f"b must be [T, K], got shape {tuple(b.shape)}")
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 3.5), dpi=80)
-    t = torch.arange(1, b.shape[0] + 1)
+    t = torch.arange(b.shape[0])
     for c in range(b.shape[1]):
         ax.plot(t.numpy(), b[:, c].detach().double().numpy(), label=f"{label} {c}")
     if mark is not None:
-        ax.axvline(mark + 1, color="k", linestyle="--", linewidth=1, label="reset token")
+        ax.axvline(mark, color="k", linestyle="--", linewidth=1, label="reset token")
     ax.set_ylim(-0.03, 1.03)
-    ax.set_xlim(1, b.shape[0])
-    ax.set_xlabel("time step t")
-    ax.set_ylabel("b_t = α_1 ⋯ α_t")
+    ax.set_xlim(0, max(b.shape[0] - 1, 1))
+    ax.set_xlabel("token t")
+    ax.set_ylabel("b_t = α_0 ⋯ α_t")
     ax.set_title(title)
     ax.legend(fontsize=7, loc="upper right")
     return ax
@@ -199,7 +199,7 @@ def plot_gate_explorer(curves: GateDecayCurves, figsize=(9, 6), dpi: int = 72):
                     title=f"GLA gate (τ = {curves.tau:g}, bias = {curves.bias:g}, {curves.pattern}): b_t")
     plot_decay_mask(curves.mask, ax=axes[0, 1], title=f"GLA decay mask, channel {c}")
     plot_gate_decay(curves.retnet_b, ax=axes[1, 0], label="head",
-                    title="RetNet fixed decay γ_h = 1 - 2^(-5-h): γ^t")
+                    title="RetNet fixed decay ρ_h = 1 − 2^(−5−h): b_t = ρ_h^(t+1)")
     plot_decay_mask(curves.retnet_mask, ax=axes[1, 1], title=f"RetNet decay mask, head {c}")
     # Fixed margins rather than tight_layout: the same picture, and a faster redraw for the sliders.
     fig.subplots_adjust(left=0.07, right=0.94, bottom=0.08, top=0.94, wspace=0.25, hspace=0.38)
@@ -242,7 +242,7 @@ def _explorer_class():
                 value=tau, min=1.0, max=32.0, step=1.0, description="τ (gate normalizer)",
                 continuous_update=False, style=style, layout=layout, readout_format=".0f")
             self.bias_slider = widgets.FloatSlider(
-                value=bias, min=-4.0, max=8.0, step=0.5, description="gate-logit bias b",
+                value=bias, min=-4.0, max=8.0, step=0.5, description="gate-logit bias b_α",
                 continuous_update=False, style=style, layout=layout, readout_format=".1f")
             self.pattern_dropdown = widgets.Dropdown(
                 options=[("constant token", "constant"), ("a reset token at t = T/2", "reset"),
@@ -288,7 +288,7 @@ def _explorer_class():
             alpha = curves.g.exp()
             self.summary.value = (
                 f"α_t in [{alpha.min():.3f}, {alpha.max():.3f}] over all channels; "
-                f"after T = {curves.b.shape[0]} steps b_T in [{curves.b[-1].min():.1e}, "
+                f"after T = {curves.b.shape[0]} tokens b_{{T−1}} in [{curves.b[-1].min():.1e}, "
                 f"{curves.b[-1].max():.1e}]")
             self.curves, self.png = curves, png
             # Replace the Output's contents in one state update: the image is redrawn in place, with no

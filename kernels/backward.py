@@ -1,16 +1,17 @@
 """The backward kernels (chapter 7). Chunk states are recomputed, not stored by the forward.
 
-With dS_{n+1} the gradient reaching the state that *leaves* chunk n (dh[n] below):
+In the book's notation (chapter 0: Λ_[n] = exp(G), Γ_[n] = exp(γ_[n] − G) with G the chunk-local
+cumulative gate), with dS_[n+1] the gradient reaching the state that *leaves* chunk n (dh[n] below):
 
-    dS_n  = Diag(exp(γ_n)) dS_{n+1} + scale · (Q_n ⊙ exp(G_n))^T dO_n        reverse pass, sequential
-    dV_n  = (K_n ⊙ exp(γ_n - G_n)) dS_{n+1} + scale · P_n^T dO_n
-    dQ_n  = scale · exp(G_n) ⊙ (dO_n S_n^T)          + scale · intra(dP_n = dO_n V_n^T)
-    dK_n  = exp(γ_n - G_n) ⊙ (V_n dS_{n+1}^T)        + scale · intra(dP_n)
-    dg    = the gate-gradient trick (chapter 5), per chunk, grouped by the paths that cross t:
-            reverse cumsum of (q ⊙ dq - k ⊙ dk_intra)  +  exclusive cumsum of k ⊙ dk_carry
-            +  exp(γ_n) ⊙ Σ_v S_n ⊙ dS_{n+1}
-(dk_carry = exp(γ_n - G_n) ⊙ (V_n dS_{n+1}^T), the keys' path into later chunks). Summing
-q ⊙ dq - k ⊙ dk over the whole chunk and adding Σ_v S_{n+1} ⊙ dS_{n+1} is the same in exact
+    dS_[n] = Diag(exp(γ_[n])) dS_[n+1] + scale · (q_[n] ⊙ Λ_[n])ᵀ do_[n]      reverse pass, sequential
+    dv_[n] = (k_[n] ⊙ Γ_[n]) dS_[n+1] + scale · P_[n]ᵀ do_[n]
+    dq_[n] = scale · Λ_[n] ⊙ (do_[n] S_[n]ᵀ)       + scale · intra(dP_[n] = do_[n] v_[n]ᵀ)
+    dk_[n] = Γ_[n] ⊙ (v_[n] dS_[n+1]ᵀ)             + scale · intra(dP_[n])
+    dg     = the gate-gradient trick (chapter 5), per chunk, grouped by the paths that cross t:
+             reverse cumsum of (q ⊙ dq - k ⊙ dk_intra)  +  exclusive cumsum of k ⊙ dk_carry
+             +  exp(γ_[n]) ⊙ Σ_v S_[n] ⊙ dS_[n+1]
+(dk_carry = Γ_[n] ⊙ (v_[n] dS_[n+1]ᵀ), the keys' path into later chunks). Summing
+q ⊙ dq - k ⊙ dk over the whole chunk and adding Σ_v S_[n+1] ⊙ dS_[n+1] is the same in exact
 arithmetic, but subtracts large nearly equal sums under strong decay.
 
 Launches of the segmented backward (CONFIG["bwd_segmented"] = True; section below): segment_state_kernel and
@@ -48,7 +49,7 @@ def chunk_state_backward_kernel(
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PRECISION: tl.constexpr, CUMULATIVE: tl.constexpr = False,
 ):
-    """dh[n] = dS_{n+1}, walking the chunks from last to first; dh0 = dS_0."""
+    """dh[n] = dS_[n+1], walking the chunks from last to first; dh0 = dS_[0]."""
     i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     N = tl.cdiv(T, C)
@@ -83,7 +84,7 @@ def chunk_dv_kernel(
     C: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     SPAN_MAX: tl.constexpr, PRECISION: tl.constexpr, CUMULATIVE: tl.constexpr = False,
 ):
-    """dV_n = (K_n ⊙ exp(γ_n - G_n)) dS_{n+1} + scale · P_n^T dO_n: the output kernel, transposed."""
+    """dv_[n] = (k_[n] ⊙ Γ_[n]) dS_[n+1] + scale · P_[n]ᵀ do_[n]: the output kernel, transposed."""
     i_v, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     N = tl.cdiv(T, C)
@@ -133,12 +134,12 @@ def chunk_dqkg_kernel(
     k_n = load_tile(k + off_k, row0, i_k * BK, T, K, H * K, C, BK)
     G, gamma = load_gate(g + off_k, row0, i_k * BK, T, K, H * K, C, BK, CUMULATIVE, "cumsum")
     rk = i_k * BK + tl.arange(0, BK)
-    h_base = h + (i_bh * (N + 1) + i_n) * K * V  # S_n
-    dh_base = dh + (i_bh * N + i_n) * K * V  # dS_{n+1}
+    h_base = h + (i_bh * (N + 1) + i_n) * K * V  # S_[n]
+    dh_base = dh + (i_bh * N + i_n) * K * V  # dS_[n+1]
     dP = tl.zeros((C, C), dtype=tl.float32)
     dq_inter = tl.zeros((C, BK), dtype=tl.float32)
     dk_inter = tl.zeros((C, BK), dtype=tl.float32)
-    through = tl.zeros((BK,), dtype=tl.float32)  # Σ_v S_n ⊙ dS_{n+1}
+    through = tl.zeros((BK,), dtype=tl.float32)  # Σ_v S_[n] ⊙ dS_[n+1]
     for i_v in range(tl.cdiv(V, BV)):
         do_n = load_tile(do + off_v, row0, i_v * BV, T, V, H * V, C, BV)
         v_n = load_tile(v + off_v, row0, i_v * BV, T, V, H * V, C, BV)
@@ -175,15 +176,15 @@ def chunk_dqkg_kernel(
 # The segmented backward (chapter 7): the forward's three ideas applied to the gradients.
 #
 # 1. The state gradients are a linear recurrence too, run backwards:
-#        dS_n = Diag(exp(γ_n)) dS_{n+1} + scale · (Q_n ⊙ exp(G_n))^T dO_n.
+#        dS_[n] = Diag(exp(γ_[n])) dS_[n+1] + scale · (q_[n] ⊙ Λ_[n])ᵀ do_[n].
 #    Cut the chunks into the forward's segments n0 .. n1 - 1. Walked from a zero gradient at the
-#    segment's end, each segment gives its local gradients dL; the true one is
-#        dS_{n+1} = dL_{n+1} + Diag(exp(Λ'_n)) dS_{n1},    Λ'_n = γ_{n+1} + ... + γ_{n1-1},
-#    with dS_{n1} (the gradient reaching the state that leaves the segment) from a walk over the
-#    segments in reverse (``segment_combine_kernel(REVERSE=True)``). ``segment_dstate_kernel`` writes dL
-#    (bf16 where the products round to bf16 anyway) and Λ'.
-# 2. The chunk states S_n are recomputed the forward's way (segment-local L_n and Λ_n, entering states).
-# 3. One chunk-parallel kernel, ``chunk_bwd_kernel``, forms S_n and dS_{n+1} on the chip and computes dq,
+#    segment's end, each segment gives its local gradients dU; the true one is
+#        dS_[n+1] = dU_[n+1] + Diag(exp(λ′_[n])) dS_[n₁],    λ′_[n] = γ_[n+1] + ... + γ_[n₁−1],
+#    with dS_[n₁] (the gradient reaching the state that leaves the segment) from a walk over the
+#    segments in reverse (``segment_combine_kernel(REVERSE=True)``). ``segment_dstate_kernel`` writes dU
+#    (bf16 where the products round to bf16 anyway) and λ′.
+# 2. The chunk states S_[n] are recomputed the forward's way (segment-local U_[n] and λ_[n], entering states).
+# 3. One chunk-parallel kernel, ``chunk_bwd_kernel``, forms S_[n] and dS_[n+1] on the chip and computes dq,
 #    dk, dg (and dv, when the whole key width fits one block), with the intra-chunk scores as single
 #    products; the gates are scanned on the tensor cores inside it (no G round trip), and the cumulative
 #    sums of the gate gradient are products with triangles of ones. Chunks whose decay span rules the
@@ -194,8 +195,8 @@ def chunk_dqkg_kernel(
 @triton.jit
 def segment_dstate_kernel(
     q, g, do, dh, lamb, ends,
-    # q, g [B, T, H, K]; do [B, T, H, V]; dh [B, H, N, K, V] (any float dtype): dL, the segment-local
-    # gradient reaching the state that leaves chunk n; lamb [B, H, N, K] float32: Λ'_n; ends [B, H, NSEG, K, V]
+    # q, g [B, T, H, K]; do [B, T, H, V]; dh [B, H, N, K, V] (any float dtype): dU, the segment-local
+    # gradient reaching the state that leaves chunk n; lamb [B, H, N, K] float32: λ′_[n]; ends [B, H, NSEG, K, V]
     scale, T, SEG, NSEG, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, SCAN: tl.constexpr,
 ):
@@ -212,11 +213,11 @@ def segment_dstate_kernel(
     rv = i_v * BV + tl.arange(0, BV)
     state_mask = (rk < K)[:, None] & (rv < V)[None, :]
     state_offsets = rk[:, None] * V + rv[None, :]
-    lam_mask = rk < tl.where(i_v == 0, K, 0)  # the V blocks of a K block share Λ': the first writes it
+    lam_mask = rk < tl.where(i_v == 0, K, 0)  # the V blocks of a K block share λ′: the first writes it
     n0 = i_s * SEG
     n1 = tl.minimum(n0 + SEG, N)
     d_state = tl.zeros((BK, BV), dtype=tl.float32)
-    decay = tl.zeros((BK,), dtype=tl.float32)  # Λ'_n
+    decay = tl.zeros((BK,), dtype=tl.float32)  # λ′_[n]
     for m in range(n1 - n0):
         n = n1 - 1 - m
         store_state(dh + (i_bh * N + n) * K * V + state_offsets, d_state, state_mask, PRECISION)
@@ -232,8 +233,8 @@ def segment_dstate_kernel(
 @triton.jit
 def chunk_bwd_kernel(
     q, k, v, g, do, h, lam, hs, dh, lamb, dhs, dq, dk, dv, dg, flags,
-    # q, k, g, dq, dk, dg [B, T, H, K]; v, do, dv [B, T, H, V]; h, dh [B, H, N, K, V]: L_n, dL_n;
-    # lam, lamb [B, H, N, K]: Λ_n, Λ'_n; hs, dhs [B, H, NSEG, K, V] float32: the state entering each
+    # q, k, g, dq, dk, dg [B, T, H, K]; v, do, dv [B, T, H, V]; h, dh [B, H, N, K, V]: U_[n], dU_[n];
+    # lam, lamb [B, H, N, K]: λ_[n], λ′_[n]; hs, dhs [B, H, NSEG, K, V] float32: the state entering each
     # segment and the gradient reaching the state leaving it; flags [B, H, N, K / BK] int32
     scale, T, SEG, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     C: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -270,8 +271,8 @@ def chunk_bwd_kernel(
 
 @triton.jit
 def segment_states(h, lam, hs, i_bh, i_n, rk, rv, N, SEG, K: tl.constexpr, V: tl.constexpr):
-    """A [BK, BV] block of L_n + exp(Λ_n) ⊙ S_{n0} (the forward's S_n; with the backward's dL, Λ', dS_{n1}:
-    dS_{n+1}), float32."""
+    """A [BK, BV] block of U_[n] + exp(λ_[n]) ⊙ S_[n₀] (the forward's S_[n]; with the backward's dU, λ′, dS_[n₁]:
+    dS_[n+1]), float32."""
     NSEG = tl.cdiv(N, SEG)
     mask = (rk < K)[:, None] & (rv < V)[None, :]
     offsets = rk[:, None] * V + rv[None, :]
@@ -308,7 +309,7 @@ def chunk_grads(q, k, v, g, do, h, lam, hs, dh, lamb, dhs, dq, dk, dv, dg, flags
     if not EXACT:
         span = decay_span(G)
         ke = operand(k_n * tl.exp(-G), INTRA_PRECISION)  # <= |k| e^span: only where the span allows it
-    if FUSE_DV:  # dV_n = (K_n ⊙ exp(γ_n - G_n)) dS_{n+1} + scale · P_n^T dO_n, first and on its own
+    if FUSE_DV:  # dv_[n] = (k_[n] ⊙ Γ_[n]) dS_[n+1] + scale · P_[n]ᵀ do_[n], first and on its own
         if EXACT:
             P = scale * chunk_scores(q_n, k_n, G, qe, C, L, BK, SPAN_MAX, PRECISION)
         else:
@@ -324,9 +325,9 @@ def chunk_grads(q, k, v, g, do, h, lam, hs, dh, lamb, dhs, dq, dk, dv, dg, flags
             store_tile(dv + off_v, dv_b, row0, i_v * BV, T, V, H * V, C, BV)
     qe_op = operand(qe, INTRA_PRECISION)
     dP = tl.zeros((C, C), dtype=tl.float32)
-    acc_q = tl.zeros((C, BK), dtype=tl.float32)  # dO S_n^T (+ the intra part below)
-    acc_k = tl.zeros((C, BK), dtype=tl.float32)  # V dS_{n+1}^T
-    through = tl.zeros((BK,), dtype=tl.float32)  # Σ_v S_n ⊙ dS_{n+1}
+    acc_q = tl.zeros((C, BK), dtype=tl.float32)  # do_[n] S_[n]ᵀ (+ the intra part below)
+    acc_k = tl.zeros((C, BK), dtype=tl.float32)  # v_[n] dS_[n+1]ᵀ
+    through = tl.zeros((BK,), dtype=tl.float32)  # Σ_v S_[n] ⊙ dS_[n+1]
     for i_v in range(tl.cdiv(V, BV)):
         rv = i_v * BV + tl.arange(0, BV)
         S = segment_states(h, lam, hs, i_bh, i_n, rk, rv, N, SEG, K, V)
@@ -340,7 +341,7 @@ def chunk_grads(q, k, v, g, do, h, lam, hs, dh, lamb, dhs, dq, dk, dv, dg, flags
     diag = scale * tl.sum(tl.where(rows[:, None] == rows[None, :], dP, 0.0), axis=1)[:, None]
     # Stored one after the other (fewer tiles alive at once): dq, dk, then dg, the gate gradient grouped
     # by the paths that cross each position (see the top of this file): the reverse cumsum of
-    # q ⊙ dq - k ⊙ dk_intra, the exclusive cumsum of k ⊙ dk_carry, and exp(γ) Σ_v S_n ⊙ dS_{n+1}.
+    # q ⊙ dq - k ⊙ dk_intra, the exclusive cumsum of k ⊙ dk_carry, and exp(γ) Σ_v S_[n] ⊙ dS_[n+1].
     q_n = load_tile(q + off_k, row0, i_k * BK, T, K, H * K, C, BK)
     k_n = load_tile(k + off_k, row0, i_k * BK, T, K, H * K, C, BK)
     if EXACT:
@@ -375,7 +376,7 @@ def chunk_bwd_dv_kernel(
     SPAN_MAX: tl.constexpr, PRECISION: tl.constexpr, SCAN: tl.constexpr, FALLBACK: tl.constexpr, TOTAL=0,
     FLAG_BLOCK: tl.constexpr = 16,
 ):
-    """dV_n = (K_n ⊙ exp(γ_n - G_n)) dS_{n+1} + scale · P_n^T dO_n for one (V block, chunk, head), the K
+    """dv_[n] = (k_[n] ⊙ Γ_[n]) dS_[n+1] + scale · P_[n]ᵀ do_[n] for one (V block, chunk, head), the K
     dimension walked in blocks: the dv of ``chunk_bwd_kernel`` for keys wider than one block.
     FALLBACK as there ("flagged": program_id(0) owns FLAG_BLOCK chunks, program_id(1) is the V block)."""
     N = tl.cdiv(T, C)

@@ -1,9 +1,9 @@
 """The chunk-output kernel (chapters 6-7): every chunk's output at once, given the chunk states.
 
-    O_n = scale · ( (Q_n ⊙ exp(G_n)) S_n  +  P_n V_n )          inter-chunk + intra-chunk
+    o_[n] = scale · ( (q_[n] ⊙ Λ_[n]) S_[n]  +  P_[n] v_[n] )          inter-chunk + intra-chunk
 
-One program per (V block, chunk, head): chunks are independent once h holds S_n, so this is the
-parallel half of the materialized forward. The intra-chunk scores P_n [C, C] are built over the K
+One program per (V block, chunk, head): chunks are independent once h holds S_[n], so this is the
+parallel half of the materialized forward. The intra-chunk scores P_[n] [C, C] are built over the K
 blocks (``common.chunk_scores``: one guarded product, or secondary-level chunking when the chunk's
 decay is too strong for it) and never leave the chip. Q ⊙ exp(G) serves both terms.
 
@@ -27,9 +27,9 @@ def chunk_output_kernel(
     SPAN_MAX: tl.constexpr, PRECISION: tl.constexpr, CUMULATIVE: tl.constexpr, SCAN: tl.constexpr,
     SEGMENTED: tl.constexpr, FALLBACK: tl.constexpr, TOTAL=0, FLAG_BLOCK: tl.constexpr = 16,
 ):
-    """SEGMENTED: h holds the segment-local states L_n [B, H, N, K, V] (any float dtype) of
-    ``segment_state_kernel``, and S_n = L_n + exp(Λ_n) ⊙ S_{n0} is formed here, with S_{n0} = hs[n // SEG]
-    from ``segment_combine_kernel``. Otherwise h holds S_0 .. S_N of ``chunk_state_kernel``.
+    """SEGMENTED: h holds the segment-local states U_[n] [B, H, N, K, V] (any float dtype) of
+    ``segment_state_kernel``, and S_[n] = U_[n] + exp(λ_[n]) ⊙ S_[n₀] is formed here, with S_[n₀] = hs[n // SEG]
+    from ``segment_combine_kernel``. Otherwise h holds S_[0] … S_[N] of ``chunk_state_kernel``.
 
     FALLBACK, where the chunks that need the exact secondary-level path are handled:
       "inline"  — in this program (``common.chunk_scores``: both paths compiled into one kernel);
@@ -91,12 +91,12 @@ def chunk_output(q, k, v, g, h, o, hs, lam, flags, i_v, i_n, i_bh, scale, T, SEG
         q_n = load_tile(q_base, row0, i_k * BK, T, K, H * K, C, BK)
         k_n = load_tile(k_base, row0, i_k * BK, T, K, H * K, C, BK)
         G, _ = load_gate(g_base, row0, i_k * BK, T, K, H * K, C, BK, CUMULATIVE, SCAN)
-        qe = q_n * tl.exp(G)  # <= |q|: the past through S_n, and the chunk's own scores
+        qe = q_n * tl.exp(G)  # <= |q|: the past through S_[n], and the chunk's own scores
         rk = i_k * BK + tl.arange(0, BK)
         state_offsets = rk[:, None] * V + rv[None, :]
         state_mask = (rk < K)[:, None] & (rv < V)[None, :]
         S = tl.load(h_base + state_offsets, mask=state_mask, other=0.0).to(tl.float32)
-        if SEGMENTED:  # S_n = L_n + exp(Λ_n) ⊙ S_{n0}
+        if SEGMENTED:  # S_[n] = U_[n] + exp(λ_[n]) ⊙ S_[n₀]
             decay = tl.load(lam + (i_bh * N + i_n) * K + rk, mask=rk < K, other=0.0)
             S += tl.exp(decay)[:, None] * tl.load(hs_base + state_offsets, mask=state_mask, other=0.0)
         inter = mm(qe, S, inter, PRECISION)

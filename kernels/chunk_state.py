@@ -1,9 +1,9 @@
 """The chunk-state kernel (chapter 6): the only sequential pass of the materialized forward.
 
-    S_{n+1} = Diag(exp(γ_n)) S_n + (K_n ⊙ exp(γ_n - G_n))^T V_n          (chapter 3's recurrence)
+    S_[n+1] = Diag(exp(γ_[n])) S_[n] + (k_[n] ⊙ Γ_[n])ᵀ v_[n]          (chapter 3's recurrence)
 
 One program owns one [BK, BV] block of one head's state and walks the N chunks in order, keeping the
-block in registers (float32) and writing every state it passes: h[n] = S_n, the state *entering*
+block in registers (float32) and writing every state it passes: h[n] = S_[n], the state *entering*
 chunk n, for n = 0 .. N (h[N] is the final state). The K and V blocks are independent (the decay is
 per key channel), so a head's state is split over (K / BK) x (V / BV) programs.
 
@@ -69,15 +69,15 @@ def chunk_cumsum_kernel(
 # ---------------------------------------------------------------------------------------------------
 # The segmented state pass (chapter 7): the sequential walk cut into independent segments.
 #
-# The recurrence is linear in the state, so a segment of chunks n0 .. n1 - 1 can be walked from a zero
-# state while the state that really enters it, S_{n0}, is still unknown:
-#     S_n = L_n + Diag(exp(Λ_n)) S_{n0},     Λ_n = γ_{n0} + ... + γ_{n-1}   (the decay since n0)
-# where L_n is the segment-local state (the walk from zero). Three steps:
-#   1. ``segment_state_kernel``: every segment at once writes L_n and Λ_n for its chunks, and its
-#      end state L_{n1} and total decay Λ_{n1};
+# The recurrence is linear in the state, so a segment of chunks n₀ … n₁ − 1 can be walked from a zero
+# state while the state that really enters it, S_[n₀], is still unknown:
+#     S_[n] = U_[n] + Diag(exp(λ_[n])) S_[n₀],     λ_[n] = γ_[n₀] + ... + γ_[n−1]   (the decay since n₀)
+# where U_[n] is the segment-local state (the walk from zero). Three steps:
+#   1. ``segment_state_kernel``: every segment at once writes U_[n] and λ_[n] for its chunks, and its
+#      end state U_[n₁] and total decay λ_[n₁];
 #   2. ``segment_combine_kernel``: a short sequential walk over the *segments* (not the chunks) gives
-#      each segment's entering state S_{n0} (and the final state);
-#   3. the output kernel forms S_n = L_n + exp(Λ_n) ⊙ S_{n0} on the chip before its product.
+#      each segment's entering state S_[n₀] (and the final state);
+#   3. the output kernel forms S_[n] = U_[n] + exp(λ_[n]) ⊙ S_[n₀] on the chip before its product.
 # One head's sequential chain shrinks from N chunk steps to SEG chunk steps plus N / SEG segment steps,
 # and the number of programs grows N / SEG times: the pass becomes bound by bytes, not by latency.
 # ---------------------------------------------------------------------------------------------------
@@ -95,13 +95,13 @@ def store_state(ptr, x, mask, PRECISION: tl.constexpr):
 @triton.jit
 def segment_state_kernel(
     k, v, g, h, lam, ends, seg_decay,
-    # k, g [B, T, H, K]; v [B, T, H, V]; h [B, H, N, K, V] (any float dtype): L_n;
-    # lam [B, H, N, K] float32: Λ_n; ends [B, H, NSEG, K, V] float32; seg_decay [B, H, NSEG, K] float32
+    # k, g [B, T, H, K]; v [B, T, H, V]; h [B, H, N, K, V] (any float dtype): U_[n];
+    # lam [B, H, N, K] float32: λ_[n]; ends [B, H, NSEG, K, V] float32; seg_decay [B, H, NSEG, K] float32
     T, SEG, NSEG, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     PRECISION: tl.constexpr, CUMULATIVE: tl.constexpr = False, SCAN: tl.constexpr = "cumsum",
 ):
-    """One program per (K block, V block, head, segment of SEG chunks): L_n and Λ_n for the segment's
+    """One program per (K block, V block, head, segment of SEG chunks): U_[n] and λ_[n] for the segment's
     chunks, then its end state and total decay. CUMULATIVE as in ``chunk_state_kernel``."""
     i_k, i_v, i_x = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_bh, i_s = i_x // NSEG, i_x % NSEG
@@ -114,11 +114,11 @@ def segment_state_kernel(
     rv = i_v * BV + tl.arange(0, BV)
     state_mask = (rk < K)[:, None] & (rv < V)[None, :]
     state_offsets = rk[:, None] * V + rv[None, :]
-    lam_mask = rk < tl.where(i_v == 0, K, 0)  # the V blocks of a K block share Λ: the first writes it
+    lam_mask = rk < tl.where(i_v == 0, K, 0)  # the V blocks of a K block share λ: the first writes it
     n0 = i_s * SEG
     n1 = tl.minimum(n0 + SEG, N)
     state = tl.zeros((BK, BV), dtype=tl.float32)
-    decay = tl.zeros((BK,), dtype=tl.float32)  # Λ_n
+    decay = tl.zeros((BK,), dtype=tl.float32)  # λ_[n]
     for n in range(n0, n1):
         store_state(h + (i_bh * N + n) * K * V + state_offsets, state, state_mask, PRECISION)
         tl.store(lam + (i_bh * N + n) * K + rk, decay, mask=lam_mask)
@@ -139,12 +139,12 @@ def segment_combine_kernel(
     BK: tl.constexpr, BV: tl.constexpr, USE_H0: tl.constexpr, STORE_FINAL: tl.constexpr,
     REVERSE: tl.constexpr = False,
 ):
-    """S_{n0} of every segment by the recurrence over segments, S ← Diag(exp(Λ)) S + L_end, from S_0
+    """S_[n₀] of every segment by the recurrence over segments, S ← Diag(exp(λ)) S + U_end, from S_[0]
     (h0, or zero); the state after the last segment is the final state. All float32.
 
     REVERSE (the backward's state gradients, ``backward.segment_dstate_kernel``): the same walk from the
-    last segment to the first, dS ← Diag(exp(Λ)) dS + dL_start, from dS_N (h0 here: the final state's
-    gradient, or zero): hs[s] = the gradient reaching the state that leaves segment s; ht = dS_0."""
+    last segment to the first, dS ← Diag(exp(λ)) dS + dU_start, from dS_[N] (h0 here: the final state's
+    gradient, or zero): hs[s] = the gradient reaching the state that leaves segment s; ht = dS_[0]."""
     i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     rk = i_k * BK + tl.arange(0, BK)
     rv = i_v * BV + tl.arange(0, BV)

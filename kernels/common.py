@@ -5,15 +5,17 @@ All helpers are ``@triton.jit`` functions, inlined into the kernels that call th
 register tiles of one chunk: C rows (tokens) by a block of BK channels. Everything is float32 inside,
 whatever the input dtype; only the matrix products may round their operands (``PRECISION``).
 
-Notation (as in ``glalearn/forms/chunk.py`` and ``two_level.py``):
+Notation (the book's, chapter 0; as in ``glalearn/forms/chunk.py`` and ``two_level.py``): rows
+i, j = 0 ... C-1 of one chunk (query row i, key row j <= i), c a key channel, and
 
-    G_i = g_1 + ... + g_i           the chunk-local cumulative log decay (inclusive), per channel
-    P[i, j] = Σ_k q_ik k_jk exp(G_ik - G_jk),  j <= i        the intra-chunk scores ("A" in fla)
+    G_i = g_0 + ... + g_i           the chunk-local cumulative log decay (inclusive), per channel
+    P[i, j] = Σ_c q_ic k_jc exp(G_ic - G_jc),  j <= i        the intra-chunk scores ("A" in fla)
 
-The chunk of C rows is split into NS = C / L sub-chunks of L rows. A pair of *different* sub-chunks
-(query sub-chunk a after key sub-chunk b) is a matrix product of bounded operands, with
-    exp(G_i - G_j) = exp(G_i - F_a) · exp(F_a - E_b) · exp(E_b - G_j)
-where F_a is G at the first row of sub-chunk a and E_b is G at the last row of sub-chunk b: every
+The chunk of C rows is split into NS = C / L sub-chunks of L rows; sub-chunk u holds rows
+uL ... uL+L-1. A pair of *different* sub-chunks (query sub-chunk u after key sub-chunk w < u) is a
+matrix product of bounded operands, with
+    exp(G_i - G_j) = exp(G_i - F_u) · exp(F_u - E_w) · exp(E_w - G_j)
+where F_u is G at the first row of sub-chunk u and E_w is G at the last row of sub-chunk w: every
 factor is <= 1 because G only decreases. The diagonal sub-chunks stay in float32 log space, one exp
 per (i, j, k), with the exponent masked to -inf *before* the exp wherever it could be positive.
 """
@@ -148,48 +150,49 @@ def per_row(x, C: tl.constexpr, L: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
-def bridge(F, E, b, C: tl.constexpr, L: tl.constexpr, BK: tl.constexpr):
-    """exp(F_a - E_b) for every query sub-chunk a > b (0 for a <= b), spread to rows: [C, BK].
+def bridge(F, E, w, C: tl.constexpr, L: tl.constexpr, BK: tl.constexpr):
+    """exp(F_u - E_w) for key sub-chunk w and every query sub-chunk u > w (0 for u <= w), spread to
+    the rows of each u: [C, BK].
 
-    The exponent is masked to -inf before the exp: for a <= b it would be >= 0 and could overflow.
+    The exponent is masked to -inf before the exp: for u <= w it would be >= 0 and could overflow.
     """
     NS: tl.constexpr = C // L
-    subs = tl.arange(0, NS)
-    E_b = tl.sum(tl.where((subs == b)[:, None], E, 0.0), axis=0)  # [BK]
-    later = (subs > b)[:, None]
-    factor = tl.exp(tl.where(later, F - E_b[None, :], float("-inf")))  # [NS, BK], each <= 1
+    subs = tl.arange(0, NS)  # u = 0 ... NS-1
+    E_w = tl.sum(tl.where((subs == w)[:, None], E, 0.0), axis=0)  # [BK]
+    later = (subs > w)[:, None]
+    factor = tl.exp(tl.where(later, F - E_w[None, :], float("-inf")))  # [NS, BK], each <= 1
     return per_row(factor, C, L, BK)
 
 
 @triton.jit
 def intra_chunk_scores(q, k, G, C: tl.constexpr, L: tl.constexpr, BK: tl.constexpr,
                        PRECISION: tl.constexpr):
-    """P[i, j] = Σ_k q_ik k_jk exp(G_ik - G_jk) for j <= i (0 above the diagonal), over one K block.
+    """P[i, j] = Σ_c q_ic k_jc exp(G_ic - G_jc) for j <= i (0 above the diagonal), over one K block.
 
     q, k, G: [C, BK] float32 tiles (G the chunk-local inclusive cumulative log decay). Returns [C, C].
-    Off-diagonal sub-chunk pairs: NS - 1 products (one per key sub-chunk b) of bounded operands;
-    diagonal sub-chunks: float32 log space, every (i, j, k) of all NS sub-chunks in one 4-d tile.
+    Off-diagonal sub-chunk pairs: NS - 1 products (one per key sub-chunk w) of bounded operands;
+    diagonal sub-chunks: float32 log space, every (i, j, c) of all NS sub-chunks in one 4-d tile.
     """
     NS: tl.constexpr = C // L
     rows = tl.arange(0, C)
     F, E = sub_chunk_ends(G, C, L, BK)
-    q_hat = q * tl.exp(G - per_row(F, C, L, BK))  # q_i exp(G_i - F_a) : |.| <= |q_i|
-    k_hat = k * tl.exp(per_row(E, C, L, BK) - G)  # k_j exp(E_b - G_j) : |.| <= |k_j|
+    q_hat = q * tl.exp(G - per_row(F, C, L, BK))  # q_i exp(G_i - F_u) : |.| <= |q_i|
+    k_hat = k * tl.exp(per_row(E, C, L, BK) - G)  # k_j exp(E_w - G_j) : |.| <= |k_j|
     P = tl.zeros((C, C), dtype=tl.float32)
-    for b in range(NS - 1):
-        keys_b = tl.where((rows // L == b)[:, None], k_hat, 0.0)  # only key sub-chunk b
-        P = tl.dot(q_hat * bridge(F, E, b, C, L, BK), tl.trans(keys_b), P, input_precision=PRECISION)
+    for w in range(NS - 1):
+        keys_w = tl.where((rows // L == w)[:, None], k_hat, 0.0)  # only key sub-chunk w
+        P = tl.dot(q_hat * bridge(F, E, w, C, L, BK), tl.trans(keys_w), P, input_precision=PRECISION)
     # Diagonal sub-chunks, all (i, j) pairs of every sub-chunk at once: a [NS, L, L, BK] tile.
     q3 = tl.reshape(q, (NS, L, BK))
     k3 = tl.reshape(k, (NS, L, BK))
     G3 = tl.reshape(G, (NS, L, BK))
     causal = tl.arange(0, L)[None, :, None, None] >= tl.arange(0, L)[None, None, :, None]  # i >= j
     decay = tl.exp(tl.where(causal, G3[:, :, None, :] - G3[:, None, :, :], float("-inf")))
-    D = tl.sum(q3[:, :, None, :] * k3[:, None, :, :] * decay, axis=3)  # [NS, L, L]: D[a, i, j]
-    # Place D in the diagonal blocks of P: repeat its L columns NS times, keep the own block.
-    D_wide = tl.reshape(tl.broadcast_to(tl.reshape(D, (C, 1, L)), (C, NS, L)), (C, C))
+    P_d = tl.sum(q3[:, :, None, :] * k3[:, None, :, :] * decay, axis=3)  # [NS, L, L]: P_d[u, i, j]
+    # Place P_d in the diagonal blocks of P: repeat its L columns NS times, keep the own block.
+    P_d_wide = tl.reshape(tl.broadcast_to(tl.reshape(P_d, (C, 1, L)), (C, NS, L)), (C, C))
     same_block = (rows[:, None] // L) == (rows[None, :] // L)
-    return P + tl.where(same_block, D_wide, 0.0)
+    return P + tl.where(same_block, P_d_wide, 0.0)
 
 
 @triton.jit
@@ -197,7 +200,7 @@ def intra_chunk_score_grads(dP, q, k, G, C: tl.constexpr, L: tl.constexpr, BK: t
                             PRECISION: tl.constexpr):
     """Gradients of :func:`intra_chunk_scores` for the strictly lower part (j < i) of dP.
 
-        dq_ik = Σ_{j<i} dP_ij k_jk exp(G_ik - G_jk),     dk_jk = Σ_{i>j} dP_ij q_ik exp(G_ik - G_jk)
+        dq_ic = Σ_{j<i} dP_ij k_jc exp(G_ic - G_jc),     dk_jc = Σ_{i>j} dP_ij q_ic exp(G_ic - G_jc)
 
     dP: [C, C] (its diagonal and upper part are ignored); q, k, G: [C, BK]. Returns (dq, dk) [C, BK].
     The i = j terms (dP_ii k_i and dP_ii q_i) are left to the caller: they cancel in the gate gradient
@@ -206,22 +209,22 @@ def intra_chunk_score_grads(dP, q, k, G, C: tl.constexpr, L: tl.constexpr, BK: t
     NS: tl.constexpr = C // L
     rows = tl.arange(0, C)
     F, E = sub_chunk_ends(G, C, L, BK)
-    from_first = tl.exp(G - per_row(F, C, L, BK))  # exp(G_i - F_a)
-    to_last = tl.exp(per_row(E, C, L, BK) - G)  # exp(E_b - G_j)
+    from_first = tl.exp(G - per_row(F, C, L, BK))  # exp(G_i - F_u)
+    to_last = tl.exp(per_row(E, C, L, BK) - G)  # exp(E_w - G_j)
     q_hat = q * from_first
     k_hat = k * to_last
     dq = tl.zeros((C, BK), dtype=tl.float32)
     dk = tl.zeros((C, BK), dtype=tl.float32)
-    for b in range(NS - 1):
-        br = bridge(F, E, b, C, L, BK)
-        dP_b = tl.where((rows // L == b)[None, :], dP, 0.0)  # key columns of sub-chunk b
-        dP_b = tl.where((rows // L > b)[:, None], dP_b, 0.0)  # query rows after it
-        dq += br * tl.dot(dP_b, k_hat, input_precision=PRECISION)
-        dk += tl.dot(tl.trans(dP_b), q_hat * br, input_precision=PRECISION)
+    for w in range(NS - 1):
+        br = bridge(F, E, w, C, L, BK)
+        dP_w = tl.where((rows // L == w)[None, :], dP, 0.0)  # key columns of sub-chunk w
+        dP_w = tl.where((rows // L > w)[:, None], dP_w, 0.0)  # query rows after it
+        dq += br * tl.dot(dP_w, k_hat, input_precision=PRECISION)
+        dk += tl.dot(tl.trans(dP_w), q_hat * br, input_precision=PRECISION)
     dq = dq * from_first
     dk = dk * to_last
     # Diagonal sub-chunks, strictly below the diagonal (i > j), in log space: [NS, L, L, BK] tiles.
-    # dP_d[a, i, j] = dP[a·L + i, a·L + j]: the diagonal blocks of dP.
+    # dP_d[u, i, j] = dP[uL + i, uL + j]: the diagonal blocks of dP.
     dP3 = tl.reshape(dP, (C, NS, L))
     own = tl.arange(0, NS)[None, :, None] == (rows // L)[:, None, None]
     dP_d = tl.reshape(tl.sum(tl.where(own, dP3, 0.0), axis=1), (NS, L, L))
@@ -229,9 +232,9 @@ def intra_chunk_score_grads(dP, q, k, G, C: tl.constexpr, L: tl.constexpr, BK: t
     k3 = tl.reshape(k, (NS, L, BK))
     G3 = tl.reshape(G, (NS, L, BK))
     below = tl.arange(0, L)[None, :, None, None] > tl.arange(0, L)[None, None, :, None]  # i > j
-    w = dP_d[:, :, :, None] * tl.exp(tl.where(below, G3[:, :, None, :] - G3[:, None, :, :], float("-inf")))
-    dq3 = tl.sum(w * k3[:, None, :, :], axis=2)  # Σ_j  [NS, L, BK]
-    dk3 = tl.sum(w * q3[:, :, None, :], axis=1)  # Σ_i
+    terms = dP_d[:, :, :, None] * tl.exp(tl.where(below, G3[:, :, None, :] - G3[:, None, :, :], float("-inf")))
+    dq3 = tl.sum(terms * k3[:, None, :, :], axis=2)  # Σ_j  [NS, L, BK]
+    dk3 = tl.sum(terms * q3[:, :, None, :], axis=1)  # Σ_i
     return dq + tl.reshape(dq3, (C, BK)), dk + tl.reshape(dk3, (C, BK))
 
 
@@ -240,11 +243,11 @@ def intra_chunk_score_grads(dP, q, k, G, C: tl.constexpr, L: tl.constexpr, BK: t
 #
 # With the chunk-local cumulative decay G (G_i <= 0, decreasing), every score factors through the
 # chunk's start as reference point:
-#     exp(G_i - G_j) = exp(G_i) · exp(-G_j),      so  P = tril( (Q ⊙ exp(G)) (K ⊙ exp(-G))^T ).
-# Q ⊙ exp(G) is bounded (<= |q|) and is the same factor the inter-chunk term uses. K ⊙ exp(-G) grows
-# up to exp(s), s = max(-G) the chunk's decay span. Each term of a kept entry (j <= i) is then the
-# exact q_ik k_jk exp(G_ik - G_jk) up to a rounding *relative to that term*: nothing large cancels.
-# The one danger is the range of the factors, so the product is used only while s <= SPAN_MAX
+#     exp(G_i - G_j) = exp(G_i) · exp(-G_j),      so  P = tril( (q ⊙ exp(G)) (k ⊙ exp(-G))^T ).
+# q ⊙ exp(G) is bounded (<= |q|) and is the same factor the inter-chunk term uses. k ⊙ exp(-G) grows
+# up to exp(Δ), Δ = max(-G) the chunk's decay span. Each term of a kept entry (j <= i) is then the
+# exact q_ic k_jc exp(G_ic - G_jc) up to a rounding *relative to that term*: nothing large cancels.
+# The one danger is the range of the factors, so the product is used only while Δ <= SPAN_MAX
 # (e^40 ≈ 2e17: far inside float32's, tf32's and bf16's e^88). A chunk with a larger span (gates of
 # about -0.6 per step or stronger, averaged over 64 steps) takes the exact secondary-level path:
 # sub-chunk pairs as products against the query sub-chunk's first row, diagonal sub-chunks element
@@ -262,19 +265,19 @@ def round_to_bf16(x):
 
 
 @triton.jit
-def mm(a, b, acc, PRECISION: tl.constexpr):
-    """acc + a @ b. PRECISION: "ieee" | "tf32" | "tf32x3" (float32 operands) or "bf16" (operands
+def mm(lhs, rhs, acc, PRECISION: tl.constexpr):
+    """acc + lhs @ rhs. PRECISION: "ieee" | "tf32" | "tf32x3" (float32 operands) or "bf16" (operands
     rounded to bfloat16, the tensor cores' fastest path; bf16 keeps float32's exponent range).
     "bf16_round" is "bf16" for Triton's interpreter, whose bfloat16 products are not right: round the
     operands to bfloat16, multiply them in float32 (what the tensor cores compute: products of bf16
-    values are exact in float32, sums accumulate in float32). a and b may be float32 tiles or tiles in
+    values are exact in float32, sums accumulate in float32). lhs and rhs may be float32 tiles or tiles in
     their buffer's dtype (``load_rows``)."""
     if PRECISION == "bf16":
-        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
+        return tl.dot(lhs.to(tl.bfloat16), rhs.to(tl.bfloat16), acc)
     elif PRECISION == "bf16_round":
-        return tl.dot(round_to_bf16(a.to(tl.float32)), round_to_bf16(b.to(tl.float32)), acc, input_precision="ieee")
+        return tl.dot(round_to_bf16(lhs.to(tl.float32)), round_to_bf16(rhs.to(tl.float32)), acc, input_precision="ieee")
     else:  # operands may come in their buffer's dtype (load_rows): one dtype for both
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
+        return tl.dot(lhs.to(tl.float32), rhs.to(tl.float32), acc, input_precision=PRECISION)
 
 
 @triton.jit
@@ -305,27 +308,28 @@ def secondary_chunk_scores(q, k, G, C: tl.constexpr, L: tl.constexpr, BK: tl.con
                            PRECISION: tl.constexpr):
     """P[i, j] for j <= i by secondary-level chunking, exact for every gate (the fallback path).
 
-    Sub-chunk pairs (query sub-chunk a, key sub-chunks before it): one product per a, against
-    R_a = G at a's first row: q_i exp(G_i - R_a) <= |q_i| and k_j exp(R_a - G_j) <= |k_j| for j before a.
+    Sub-chunk pairs (query sub-chunk u, the key sub-chunks w < u): one product per u, against
+    R = G_{uL}, G at u's first row (chapter 4's q̃, k̃): q̃_i = q_i exp(G_i - G_{uL}) <= |q_i| and
+    k̃_j = k_j exp(G_{uL} - G_j) <= |k_j| for j before row uL.
     Exponents are masked to -inf *before* the exp wherever they could be positive. Diagonal
     sub-chunks: float32 log space, one key row j per step.
     """
     NS: tl.constexpr = C // L
     rows = tl.arange(0, C)
     P = tl.zeros((C, C), dtype=tl.float32)
-    for a in range(1, NS):
-        R = row_of(G, a * L, C)  # [BK]
-        in_a = ((rows >= a * L) & (rows < (a + 1) * L))[:, None]
-        before_a = (rows < a * L)[:, None]
-        q_hat = q * tl.exp(tl.where(in_a, G - R[None, :], float("-inf")))
-        k_hat = k * tl.exp(tl.where(before_a, R[None, :] - G, float("-inf")))
+    for u in range(1, NS):
+        R = row_of(G, u * L, C)  # [BK]: G_{uL}
+        in_u = ((rows >= u * L) & (rows < (u + 1) * L))[:, None]
+        before_u = (rows < u * L)[:, None]
+        q_hat = q * tl.exp(tl.where(in_u, G - R[None, :], float("-inf")))
+        k_hat = k * tl.exp(tl.where(before_u, R[None, :] - G, float("-inf")))
         P = mm(q_hat, tl.trans(k_hat), P, PRECISION)
     for j in range(C):
         k_j = row_of(k, j, C)
         G_j = row_of(G, j, C)
         own = (rows >= j) & (rows < (j // L + 1) * L)  # rows i >= j in j's sub-chunk
-        w = q * k_j[None, :] * tl.exp(tl.where(own[:, None], G - G_j[None, :], float("-inf")))
-        P = tl.where((rows == j)[None, :], P + tl.sum(w, axis=1)[:, None], P)
+        terms = q * k_j[None, :] * tl.exp(tl.where(own[:, None], G - G_j[None, :], float("-inf")))
+        P = tl.where((rows == j)[None, :], P + tl.sum(terms, axis=1)[:, None], P)
     return P
 
 
@@ -355,23 +359,23 @@ def secondary_chunk_score_grads(dP, q, k, G, C: tl.constexpr, L: tl.constexpr, B
     rows = tl.arange(0, C)
     dq = tl.zeros((C, BK), dtype=tl.float32)
     dk = tl.zeros((C, BK), dtype=tl.float32)
-    for a in range(1, NS):
-        R = row_of(G, a * L, C)
-        in_a = ((rows >= a * L) & (rows < (a + 1) * L))[:, None]
-        before_a = (rows < a * L)[:, None]
-        from_R = tl.exp(tl.where(in_a, G - R[None, :], float("-inf")))  # rows of a, else 0
-        to_R = tl.exp(tl.where(before_a, R[None, :] - G, float("-inf")))  # rows before a, else 0
-        dP_a = tl.where(in_a & (rows < a * L)[None, :], dP, 0.0)  # query rows in a, key columns before a
-        dq += from_R * mm(dP_a, k * to_R, tl.zeros((C, BK), dtype=tl.float32), PRECISION)
-        dk += to_R * mm(tl.trans(dP_a), q * from_R, tl.zeros((C, BK), dtype=tl.float32), PRECISION)
+    for u in range(1, NS):
+        R = row_of(G, u * L, C)  # G_{uL}
+        in_u = ((rows >= u * L) & (rows < (u + 1) * L))[:, None]
+        before_u = (rows < u * L)[:, None]
+        from_R = tl.exp(tl.where(in_u, G - R[None, :], float("-inf")))  # rows of u, else 0
+        to_R = tl.exp(tl.where(before_u, R[None, :] - G, float("-inf")))  # rows before u, else 0
+        dP_u = tl.where(in_u & (rows < u * L)[None, :], dP, 0.0)  # query rows in u, key columns before u
+        dq += from_R * mm(dP_u, k * to_R, tl.zeros((C, BK), dtype=tl.float32), PRECISION)
+        dk += to_R * mm(tl.trans(dP_u), q * from_R, tl.zeros((C, BK), dtype=tl.float32), PRECISION)
     for j in range(C):
         k_j = row_of(k, j, C)
         G_j = row_of(G, j, C)
         dP_j = tl.sum(tl.where((rows == j)[None, :], dP, 0.0), axis=1)  # column j of dP: [C]
         own = (rows > j) & (rows < (j // L + 1) * L)  # rows i > j in j's sub-chunk
-        w = dP_j[:, None] * tl.exp(tl.where(own[:, None], G - G_j[None, :], float("-inf")))  # [C, BK]
-        dq += w * k_j[None, :]
-        dk = tl.where((rows == j)[:, None], dk + tl.sum(w * q, axis=0)[None, :], dk)
+        terms = dP_j[:, None] * tl.exp(tl.where(own[:, None], G - G_j[None, :], float("-inf")))  # [C, BK]
+        dq += terms * k_j[None, :]
+        dk = tl.where((rows == j)[:, None], dk + tl.sum(terms * q, axis=0)[None, :], dk)
     return dq, dk
 
 
@@ -380,9 +384,9 @@ def chunk_score_grads(dP, q, k, G, qe, C: tl.constexpr, L: tl.constexpr, BK: tl.
                       SPAN_MAX: tl.constexpr, PRECISION: tl.constexpr):
     """Gradients of :func:`chunk_scores` through the strictly lower part (j < i) of dP:
 
-        dq_ik = Σ_{j<i} dP_ij k_jk exp(G_ik - G_jk),     dk_jk = Σ_{i>j} dP_ij q_ik exp(G_ik - G_jk)
+        dq_ic = Σ_{j<i} dP_ij k_jc exp(G_ic - G_jc),     dk_jc = Σ_{i>j} dP_ij q_ic exp(G_ic - G_jc)
 
-    Fast path: dq = exp(G) ⊙ (dP (K ⊙ exp(-G))),  dk = exp(-G) ⊙ (dP^T (Q ⊙ exp(G))). The i = j terms
+    Fast path: dq = exp(G) ⊙ (dP (k ⊙ exp(-G))),  dk = exp(-G) ⊙ (dPᵀ (q ⊙ exp(G))). The i = j terms
     are left to the caller (they cancel in the gate gradient q ⊙ dq - k ⊙ dk).
     """
     rows = tl.arange(0, C)

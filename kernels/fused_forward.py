@@ -2,8 +2,8 @@
 
 One program per (V block, head) walks the chunks in order, holding the [K, BV] state in registers:
 
-    O_n     = scale · ( (Q_n ⊙ exp(G_n)) S_n + P_n V_n )
-    S_{n+1} = Diag(exp(γ_n)) S_n + (K_n ⊙ exp(γ_n - G_n))^T V_n
+    o_[n]   = scale · ( (q_[n] ⊙ Λ_[n]) S_[n] + P_[n] v_[n] )
+    S_[n+1] = Diag(exp(γ_[n])) S_[n] + (k_[n] ⊙ Γ_[n])ᵀ v_[n]
 
 It moves the fewest bytes (q, k, v, g in, o out: no chunk states), but only B·H·(V / BV) programs
 run, each sequential over T / C chunks: enough parallelism only when B·H is large.

@@ -1,4 +1,5 @@
-"""One line for every user error (issue 20): evaluate, bench, scaling; the token cache heals itself."""
+"""One line for every user error (issue 20): evaluate, bench (every subcommand), train, scaling, argparse's own
+errors included; `--debug` through a nested command; the token cache heals itself."""
 
 import json
 import shutil
@@ -75,6 +76,80 @@ def test_bench_user_errors_are_one_line(capsys):  # scaling: tests/test_scaling.
     assert guarded("python -m glalearn.bench", bench.main, ["forms", "--lengths", "64", "0"]) == 2
     assert "--lengths must be whole numbers of at least 1, got 0" in _one_error_line("python -m glalearn.bench",
                                                                                       capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["kernels", "--lengths", "0"], "--lengths must be whole numbers from 1 to 16,384"),
+    (["kernels", "--profiles", "P1", "--lengths", "65537"], "--lengths must be whole numbers from 1 to 65,536"),
+    (["kernels", "--rep-ms", "nan"], "--rep-ms must be a finite number of milliseconds > 0, got nan"),
+    (["kernels", "--config", "{bad"], "argument --config: invalid JSON value: '{bad'"),
+    (["kernels", "--config", "[1]"], "--config must be a JSON object of flash_gla CONFIG keys"),
+    (["kernels", "--config", '{"warpz": 4}'], "--config names CONFIG keys that do not exist: ['warpz']"),
+    (["kernels", "--sweep", "[{}, 3]"], "--sweep entry 1 must be a JSON object"),
+    (["kernels", "--sweep", "[]"], "--sweep must be a non-empty JSON list"),
+    (["kernels", "--bogus"], "unrecognized arguments: --bogus"),
+    (["model", "--repeats", "0"], "--repeats must be a whole number of at least 1, got 0"),
+    (["model", "--bogus"], "unrecognized arguments: --bogus"),
+    (["forms", "--bogus"], "unrecognized arguments: --bogus"),  # it used to run the whole benchmark
+    (["forms", "--repeats", "x"], "argument --repeats: invalid int value: 'x'"),
+    ([], "the following arguments are required: {forms,kernels,model}"),
+])
+def test_bench_arguments_are_checked_before_anything_runs(argv, message, capsys):
+    """Every subcommand of `bench`, argparse's own errors included: one line, exit 2, no usage block."""
+    from glalearn import bench
+
+    rc = guarded("python -m glalearn.bench", bench.main, argv)
+    err = capsys.readouterr().err
+    sub = f"python -m glalearn.bench {argv[0]}" if argv and argv[0] in ("kernels", "model") else "python -m glalearn.bench"
+    assert rc == 2 and message in _one_error_line(sub, err), err
+
+
+@pytest.mark.parametrize("what, chapter", [("kernels", "chapter 7"), ("model", "chapter 9")])
+def test_gpu_benchmarks_without_a_gpu_say_so_in_one_line(what, chapter, monkeypatch, capsys):
+    import torch
+
+    from glalearn import bench
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert guarded("python -m glalearn.bench", bench.main, [what]) == 2
+    line = _one_error_line(f"python -m glalearn.bench {what}", capsys.readouterr().err)
+    assert "needs a CUDA GPU" in line and chapter in line
+
+
+def test_debug_reaches_the_nested_command(capsys):
+    """`bench model --debug`: the flag given to the outer command shows the inner one's traceback."""
+    from glalearn import bench
+
+    with pytest.raises(ValueError, match="--repeats must be a whole number"):
+        guarded("python -m glalearn.bench", bench.main, ["model", "--repeats", "0", "--debug"])
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("module, argv, message", [
+    ("glalearn.train", ["--preset", "tiny-cpu", "--out", "x", "--steps", "x"], "argument --steps: invalid int value: 'x'"),
+    ("glalearn.train", ["--preset", "nope", "--out", "x"], "argument --preset: invalid choice: 'nope'"),
+    ("glalearn.train", ["--out", "x"], "the following arguments are required: --preset"),
+    ("glalearn.evaluate", ["shakespeare-gla", "--context", "x"], "argument --context: invalid int value: 'x'"),
+    ("glalearn.scaling", [], "the following arguments are required: {run-all,worker}"),
+    ("glalearn.scaling", ["run-all", "--gpus", "two", "--out", "x"], "argument --gpus: invalid int value: 'two'"),
+])
+def test_argparse_errors_are_one_line_without_the_usage_block(module, argv, message, capsys):
+    import importlib
+
+    prog = f"python -m {module}"
+    assert guarded(prog, importlib.import_module(module).main, argv) == 2
+    assert message in _one_error_line(prog, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("argv, prog", [(["-m", "glalearn.bench", "kernels", "--rep-ms", "0"], "python -m glalearn.bench kernels"),
+                                        (["-m", "glalearn.bench_kernels", "--rep-ms", "0"], "python -m glalearn.bench kernels")])
+def test_the_kernel_benchmark_command_is_guarded(argv, prog):
+    """The real command line (its ``__main__``), not only ``main``: one line on stderr, exit 2."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, *argv], check=False, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "must be a finite number of milliseconds > 0, got 0.0" in _one_error_line(prog, run.stderr)
 
 
 def test_a_corrupt_token_cache_is_detected_and_rebuilt(tmp_path, capsys):

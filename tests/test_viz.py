@@ -96,10 +96,10 @@ def test_plot_gate_decay_draws_one_line_per_channel():
     assert len(lines) == 4  # three channels + the reset marker
     for c in range(3):
         assert list(lines[c].get_ydata()) == pytest.approx(b[:, c].tolist())
-        assert list(lines[c].get_xdata()) == list(range(1, 13))
-    assert list(lines[3].get_xdata()) == [6, 6]
+        assert list(lines[c].get_xdata()) == list(range(12))  # tokens t = 0 ... T-1
+    assert list(lines[3].get_xdata()) == [5, 5]  # the marked token itself
     assert ax.get_title() == "my title"
-    assert ax.get_xlabel() == "time step t" and ax.get_ylabel().startswith("b_t")
+    assert ax.get_xlabel() == "token t" and ax.get_ylabel() == "b_t = α_0 ⋯ α_t"
 
 
 def test_plot_decay_mask_shows_the_matrix():
@@ -118,6 +118,7 @@ def test_explorer_figure_has_four_titled_panels():
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
     assert titles[0] == "GLA gate (τ = 4, bias = 2, reset): b_t"
     assert "GLA decay mask" in titles[1] and "RetNet" in titles[2] and "RetNet decay mask" in titles[3]
+    assert "ρ_h = 1 − 2^(−5−h)" in titles[2] and "γ" not in titles[2]
     width, height = fig.get_size_inches()
     assert (width, height) == (9, 6) and fig.dpi <= 100
     png = viz.figure_png(fig)
@@ -128,8 +129,9 @@ def test_summary_reports_each_channel():
     curves = viz.gate_decay_curves(tau=16.0, pattern="constant", T=10, key_dim=2)
     lines = curves.summary().splitlines()
     assert lines[0] == "τ = 16, bias = 0, pattern = 'constant', T = 10"
-    assert len(lines) == 3 and f"b_T = {curves.b[-1, 1]:.2e}" in lines[2]
-    assert f"γ^T = {(1 - 2 ** -6) ** 10:.2e}" in lines[2]
+    assert len(lines) == 3 and f"b_{{T−1}} = {curves.b[-1, 1]:.2e}" in lines[2]
+    assert f"ρ_h = {1 - 2 ** -6:.4f}" in lines[2] and f"ρ_h^T = {(1 - 2 ** -6) ** 10:.2e}" in lines[2]
+    assert "γ" not in curves.summary() and "b_T " not in curves.summary()  # the book's notation
 
 
 def test_explorer_widget_redraws_when_controls_move():

@@ -41,10 +41,10 @@ def _naive(q, k, v, g, scale=None, diagonal=0, causal=True, cumulative="inclusiv
     mask = torch.ones(T, T, dtype=torch.bool).tril(diagonal) if causal else torch.ones(T, T, dtype=torch.bool)
     if log_space:
         diff = (G[:, :, :, None, :] - G[:, :, None, :, :]).masked_fill(~mask[:, :, None], float("-inf"))
-        P = (q[:, :, :, None, :] * k[:, :, None, :, :] * diff.exp()).sum(-1)
+        A = (q[:, :, :, None, :] * k[:, :, None, :, :] * diff.exp()).sum(-1)
     else:
-        P = ((q * G.exp()) @ (k * (-G).exp()).transpose(-1, -2)).masked_fill(~mask, 0.0)
-    return (scale * P @ v).transpose(1, 2)
+        A = ((q * G.exp()) @ (k * (-G).exp()).transpose(-1, -2)).masked_fill(~mask, 0.0)
+    return (scale * A @ v).transpose(1, 2)
 
 
 NAIVE = Exercise(
@@ -63,9 +63,9 @@ NAIVE = Exercise(
     ),
     hints=(
         "Put heads next to batch first: q.transpose(1, 2) is [B, H, T, K]; every product is then per (b, h).",
-        "G = g.cumsum(dim=time); Q⊙B = q * G.exp(); K/B = k * (-G).exp(); P = (Q⊙B) @ (K/B)ᵀ is [B, H, T, T].",
-        ("P = P.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), 0) keeps s ≤ t (the diagonal too); "
-         "o = scale * P @ v, then transpose back to [B, T, H, V]."),
+        "G = g.cumsum(dim=time); q ⊙ b = q * G.exp(); k / b = k * (-G).exp(); A = (q ⊙ b) @ (k / b)ᵀ is [B, H, T, T].",
+        ("A = A.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), 0) keeps s ≤ t (the diagonal too); "
+         "o = scale * A @ v, then transpose back to [B, T, H, V]."),
     ),
     reference=_reference,
     cases=_cases(((1, 1, 1, 16, 16, 1.0), (2, 63, 2, 20, 36, 16.0), (1, 65, 3, 60, 100, 1.0), (1, 40, 1, 12, 20, 1.0))),

@@ -165,9 +165,9 @@ def split_scores(q: torch.Tensor, k: torch.Tensor, G: torch.Tensor) -> torch.Ten
 
 
 # ----------------------------------------------------------------------------- the guarded single product
-# One product per chunk, A = (Q ⊙ exp(G - c)) (K ⊙ exp(c - G))^T, is exact wherever its factors stay well
-# inside the operand dtype's range. c is the midpoint of the chunk's decay, so every exponent is within
-# ±s/2, s = the chunk's decay span. The bounds per operand dtype (derived in guarded_scores):
+# One product per chunk, P = (q ⊙ exp(G - μ)) (k ⊙ exp(μ - G))ᵀ, is exact wherever its factors stay well
+# inside the operand dtype's range. μ is the midpoint of the chunk's decay, so every exponent is within
+# ±Δ/2, Δ = the chunk's decay span. The bounds per operand dtype (derived in guarded_scores):
 GUARD_SPAN = {torch.float16: 8.0, torch.bfloat16: 64.0, torch.float32: 64.0, torch.float64: 64.0}
 GUARD_MAGNITUDE = {torch.float16: 2.0**10, torch.bfloat16: 2.0**60, torch.float32: 2.0**60, torch.float64: 2.0**60}
 
@@ -179,9 +179,9 @@ def chunk_guard(q: torch.Tensor, k: torch.Tensor, G: torch.Tensor, matmul_dtype:
         q, k: [..., C, K];  G: [..., C, K] cumulative log decay inside each chunk (float64 preferred).
         matmul_dtype: the dtype the product's operands are rounded to (None: q's dtype).
     Returns a dict:
-        "span" [...]: s = max over channels of G_first - G_last, the decay across the chunk (>= 0);
-        "mid" [..., 1, K]: c = (G_first + G_last) / 2, so that |G_i - c| <= s / 2 for every row i;
-        "fast" [...] bool: s <= GUARD_SPAN[dtype] and max |q|, |k| <= GUARD_MAGNITUDE[dtype].
+        "span" [...]: Δ = max over channels of G_0 - G_{C-1}, the decay across the chunk (>= 0);
+        "mid" [..., 1, K]: μ = (G_0 + G_{C-1}) / 2, so that |G_i - μ| <= Δ / 2 for every row i;
+        "fast" [...] bool: Δ <= GUARD_SPAN[dtype] and max |q|, |k| <= GUARD_MAGNITUDE[dtype].
     """
     dtype = matmul_dtype or q.dtype
     first, last = G[..., :1, :], G[..., -1:, :]
@@ -197,7 +197,7 @@ def _guarded_product(q, k, g, G, sub_chunk_size, matmul_dtype):
     guard = chunk_guard(q, k, G, matmul_dtype)
     fast = guard["fast"]
     all_fast = bool(fast.all())
-    exponent = G - guard["mid"]  # float64, |G_i - c| <= s/2
+    exponent = G - guard["mid"]  # float64, |G_i - μ| <= Δ/2
     if not all_fast:  # chunks over the bound: factor 1, so their (discarded) product stays finite
         exponent = exponent.masked_fill(~fast[..., None, None], 0.0)
     factor = exponent.exp_().to(q.dtype)  # computed in float64, one rounding whatever the span
@@ -232,15 +232,15 @@ def guarded_scores(
     The only danger is the range of the factors. With μ = the midpoint (G_0 + G_{C-1}) / 2, every
     exponent is within ±Δ/2, Δ = max_c (G_0,c - G_{C-1},c) the chunk's decay span. The guard:
 
-    * float32 and bfloat16 (largest finite ≈ e^88.7, smallest normal ≈ e^-87.3): s <= 64, so factors
+    * float32 and bfloat16 (largest finite ≈ e^88.7, smallest normal ≈ e^-87.3): Δ <= 64, so factors
       lie in [e^-32, e^32]; with |q|, |k| <= 2^60 ≈ e^41.6 every operand stays finite, and any q, k
       above 1e-24 stay normal numbers after the factor. float64 uses the same bound.
-    * float16 operands (largest 65504 ≈ e^11.1, smallest normal ≈ e^-9.7): s <= 8, factors in
+    * float16 operands (largest 65504 ≈ e^11.1, smallest normal ≈ e^-9.7): Δ <= 8, factors in
       [e^-4, e^4] ≈ [0.018, 55]; with |q|, |k| <= 2^10 the operands stay below 65504, and any q, k
       above 3.4e-3 stay normal numbers after the factor.
 
-    Each factor exp(G - c) is computed in float64 and rounded once, so its relative error is one
-    rounding however large s is. Entries above the diagonal (j > i) carry exp(G_i - G_j) >= 1, up to e^s
+    Each factor exp(G - μ) is computed in float64 and rounded once, so its relative error is one
+    rounding however large Δ is. Entries above the diagonal (j > i) carry exp(G_i - G_j) >= 1, up to e^Δ
     (inf/NaN if the product overflows); they are overwritten with zeros (``tril_``, like ``torch.where``;
     never a multiplication by a 0/1 mask, which would make 0 · inf = NaN). Chunks over the bound (strong gates, or huge q, k) fall back
     to :func:`sub_chunk_scores` with ``diagonal="split"``, recomputed for those chunks only.
@@ -282,8 +282,8 @@ def two_level_chunk_gla(
             tensor cores); accumulation, states and the diagonal sub-chunks stay float32.
         diagonal: "log_space" (default; as the paper and the Triton kernel), "split" (recursive
             halving, all products; faster on a CPU) or "guarded" (the fastest on a CPU: each chunk whose
-            decay span s is within GUARD_SPAN — 64 nats, 8 for float16 products — is ONE product
-            (Q ⊙ exp(G - c))(K ⊙ exp(c - G))^T against the midpoint c of its decay, the chunk states
+            decay span Δ is within GUARD_SPAN — 64 nats, 8 for float16 products — is ONE product
+            (q ⊙ exp(G - μ))(k ⊙ exp(μ - G))ᵀ against the midpoint μ of its decay, the chunk states
             and read-out reusing the same operands; chunks over the bound fall back to "split"; see
             :func:`guarded_scores`). All three are exact.
     Returns:
