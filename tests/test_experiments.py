@@ -4,6 +4,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -509,3 +510,33 @@ def test_committed_cause_results():
         if r["mixer"] != "softmax":  # the settings of the variant are the ones the model was built with
             assert (conv > 0) == (r["overrides"]["conv_on"] == "qkv")
             assert r["model_config"].get("output_gate_bias") == r["overrides"]["output_gate_bias"]
+
+
+_MINIATURE = """
+import dataclasses, json, sys, torch
+from glalearn import experiments as ex
+torch.set_num_threads(1)
+p = dataclasses.replace(ex.CAUSE_PRESETS["cpu"], steps=500, eval_every=500)
+r = ex.train_recall(sys.argv[1], 64, 8, 0, 3e-3, p)
+print(json.dumps(r["final_accuracy"]))
+"""
+
+
+@pytest.mark.slow
+def test_gla_learns_mqar_where_the_ungated_mixer_does_not_yet():
+    """The regression test of the recall plateau: on chapter 10's CPU cell (width 64, T = 64, 8 pairs, a
+    512-token vocabulary) under the recall protocol, 500 seeded steps take GLA far off chance (measured
+    0.437) while no gate is still on the plateau (0.006). Under the protocol that plateaued (a zero
+    filler, the convolution on the block input or no b_r: any one of them) GLA stays at chance, so this
+    fails. Both runs side by side in processes pinned to AVX2 kernels (the CPU's vector width changes
+    float rounding, and when a run leaves the plateau depends on it); about a minute."""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "OMP_NUM_THREADS": "1"}
+    procs = {m: subprocess.Popen([sys.executable, "-c", _MINIATURE, m], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True, env=env) for m in ("gla", "none")}
+    acc = {}
+    for mixer, proc in procs.items():
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-2000:]
+        acc[mixer] = json.loads(out.strip().splitlines()[-1])
+    chance = 2 / 512
+    assert acc["gla"] >= 0.2 and acc["none"] < 5 * chance, acc
