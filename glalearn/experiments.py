@@ -47,6 +47,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from glalearn.clierror import OneLineParser
 from glalearn.model import CausalLM, GLAConfig, TransformerConfig, build_model
 from glalearn.tasks.mqar import FILLER, FILLERS, IGNORE, mqar_batch
 
@@ -995,7 +996,7 @@ def _write_json(data: dict, path: str | Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m glalearn.experiments", description=__doc__,
+    parser = OneLineParser(prog="python -m glalearn.experiments", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="experiment", required=True)
     recall = sub.add_parser("recall", help="MQAR accuracy of five token mixers over widths and pairs")

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from glalearn import experiments as ex
+from glalearn.clierror import UserError
 from glalearn.layers import GATES, GatedLinearAttention
 from glalearn.numerics import relative_rmse
 from glalearn.tasks.mqar import IGNORE, mqar_accuracy, mqar_batch
@@ -222,9 +223,9 @@ def test_cli_micro(tmp_path):
 
 
 def test_cli_rejects_bad_arguments():
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError):
         ex.main(["recall", "--preset", "huge"])
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError):
         ex.main(["recall", "--preset", "micro", "--checkpoint-run", "gla"])
 
 
@@ -404,7 +405,7 @@ def test_fla_gla_is_offered_only_where_fla_imports():
     assert "fla-gla" not in ex.available_mixers()
     with pytest.raises(ValueError, match="needs flash-linear-attention"):
         ex.recall_model("fla-gla", 16, ex.RECALL_PRESETS["micro"])
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError):
         ex.main(["recall", "--preset", "micro", "--set", "mixers=fla-gla", "--out", "unused.json"])
 
 
@@ -489,7 +490,7 @@ def test_cause_experiment_runs_every_variant_and_validates(tmp_path, one_thread)
     bad["runs"][0]["variant"] = "something else"
     with pytest.raises(ValueError, match="variant"):
         ex.validate_results(bad)
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError):
         ex.main(["cause", "--preset", "micro", "--jobs", "0"])
 
 
@@ -515,6 +516,7 @@ def test_committed_cause_results():
 _MINIATURE = """
 import dataclasses, json, sys, torch
 from glalearn import experiments as ex
+from glalearn.clierror import UserError
 torch.set_num_threads(1)
 p = dataclasses.replace(ex.CAUSE_PRESETS["cpu"], steps=500, eval_every=500)
 r = ex.train_recall(sys.argv[1], 64, 8, 0, 3e-3, p)

@@ -132,6 +132,9 @@ def test_debug_reaches_the_nested_command(capsys):
     ("glalearn.evaluate", ["shakespeare-gla", "--context", "x"], "argument --context: invalid int value: 'x'"),
     ("glalearn.scaling", [], "the following arguments are required: {run-all,worker}"),
     ("glalearn.scaling", ["run-all", "--gpus", "two", "--out", "x"], "argument --gpus: invalid int value: 'two'"),
+    ("glalearn.experiments", ["recall", "--preset", "nope"], "argument --preset: invalid choice: 'nope'"),
+    ("glalearn.experiments", ["cause", "--preset", "micro", "--jobs", "0"], "--jobs must be >= 1, got 0"),
+    ("glalearn.experiments", ["recall", "--preset", "micro", "--set", "steps=x"], "--set steps"),
 ])
 def test_argparse_errors_are_one_line_without_the_usage_block(module, argv, message, capsys):
     import importlib
