@@ -159,9 +159,9 @@ def chunk_dqkg_kernel(
     dk_n = dk_carry + scale * dk_intra
     # The gate-gradient trick, grouped so that nothing large cancels: g_t scales every path that
     # crosses position t. Within the chunk: the reverse cumulative sum of q ⊙ dq - k ⊙ dk over the
-    # intra pairs and the reads of S_n (the i = j terms cancel exactly and are added after). Keys
-    # before t that reach later chunks: an exclusive cumulative sum of k ⊙ dk_carry. S_n itself,
-    # carried through the whole chunk: exp(γ) ⊙ Σ_v S_n ⊙ dS_{n+1}.
+    # intra pairs and the reads of S_[n] (the i = j terms cancel exactly and are added after). Keys
+    # before t that reach later chunks: an exclusive cumulative sum of k ⊙ dk_carry. S_[n] itself,
+    # carried through the whole chunk: exp(γ) ⊙ Σ_v S_[n] ⊙ dS_[n+1].
     k_carry = k_n * dk_carry
     dg_n = (tl.cumsum(q_n * dq_n - scale * k_n * dk_intra, axis=0, reverse=True)
             + (tl.cumsum(k_carry, axis=0) - k_carry) + (tl.exp(gamma) * through)[None, :])

@@ -336,7 +336,7 @@ def secondary_chunk_scores(q, k, G, C: tl.constexpr, L: tl.constexpr, BK: tl.con
 @triton.jit
 def chunk_scores(q, k, G, qe, C: tl.constexpr, L: tl.constexpr, BK: tl.constexpr,
                  SPAN_MAX: tl.constexpr, PRECISION: tl.constexpr):
-    """P[i, j] = Σ_k q_ik k_jk exp(G_ik - G_jk) for j <= i, 0 above the diagonal: [C, C] float32.
+    """P[i, j] = Σ_c q_ic k_jc exp(G_ic - G_jc) for j <= i, 0 above the diagonal: [C, C] float32.
 
     qe = q ⊙ exp(G) (the caller has it already, for the inter-chunk term). One product when the
     chunk's decay span allows it, the secondary-level path otherwise (see the block comment above).
