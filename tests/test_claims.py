@@ -337,6 +337,11 @@ def test_ch10_bisection_paragraph_is_the_cause_file():
     needed = gla["all three"] >= plateau and all(a < plateau for v, a in gla.items()
                                                  if v.endswith(" only") or v.startswith("all but"))
     assert ("all three are needed" in text) == needed
+    recall = ex.load_results("recall_cpu.json")
+    rows = {(r["mixer"], r["width"]): r["per_seed"] for r in recall["summary"]}
+    last = recall["settings"]["widths"][-1]
+    ahead = sum(b > a for a, b in zip(rows[("gla", last)], rows[("none", last)]))
+    assert f"no gate was ahead of GLA at width {last} on {ahead} of its {len(rows[('gla', last)])} seeds" in text
     # "the GPU grid's picture, on a CPU": softmax learns, the linear mixers do not
     assert runs[("before", "softmax")] > 0.9 and max(runs[("before", "gla")], runs[("before", "none")]) < plateau
     gpu = ex.load_results("recall_gpu.json")

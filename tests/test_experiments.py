@@ -525,20 +525,17 @@ print(json.dumps(r["final_accuracy"]))
 
 
 @pytest.mark.slow
-def test_gla_learns_mqar_where_the_ungated_mixer_does_not_yet():
+def test_gla_leaves_the_mqar_plateau():
     """The regression test of the recall plateau: on chapter 10's CPU cell (width 64, T = 64, 8 pairs, a
     512-token vocabulary) under the recall protocol, 500 seeded steps take GLA far off chance (measured
-    0.437) while no gate is still on the plateau (0.006). Under the protocol that plateaued (a zero
-    filler, the convolution on the block input or no b_r: any one of them) GLA stays at chance, so this
-    fails. Both runs side by side in processes pinned to AVX2 kernels (the CPU's vector width changes
-    float rounding, and when a run leaves the plateau depends on it); about a minute."""
+    0.437; chance 0.004). Under the protocol that plateaued (a zero filler, the convolution on the block
+    input or no b_r: any one of them) GLA stays at chance (chapter 10's cause_cpu.json), so this fails.
+    It is not a test of the gate's advantage: on this cell no gate was behind GLA at seed 0 (0.006 here)
+    and ahead at seed 2 (0.564 vs 0.292 after 600 steps). Run in a process pinned to AVX2 kernels (the
+    CPU's vector width changes float rounding, and when a run leaves the plateau depends on it)."""
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "OMP_NUM_THREADS": "1"}
-    procs = {m: subprocess.Popen([sys.executable, "-c", _MINIATURE, m], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 text=True, env=env) for m in ("gla", "none")}
-    acc = {}
-    for mixer, proc in procs.items():
-        out, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, err[-2000:]
-        acc[mixer] = json.loads(out.strip().splitlines()[-1])
-    chance = 2 / 512
-    assert acc["gla"] >= 0.2 and acc["none"] < 5 * chance, acc
+    proc = subprocess.run([sys.executable, "-c", _MINIATURE, "gla"], capture_output=True, text=True, env=env,
+                          timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    accuracy = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert accuracy >= 0.2 > 5 * 2 / 512, accuracy
