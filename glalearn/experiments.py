@@ -826,11 +826,13 @@ def run_cause(preset_name: str, device: str = "cpu", progress: bool = True, comm
         if jobs > 1:
             pool.close()
             pool.join()
+    cpu_s = time.process_time() - cpu_started  # this process; the pool's workers count their runs' own
+    if jobs > 1:
+        cpu_s += sum(r["cpu_s"] for r in runs)
     return {"schema_version": SCHEMA_VERSION, "experiment": "cause", "preset": preset_name, "command": command,
             "machine": machine_info(dev), "settings": preset.to_dict(),
             "variants": [{"name": n, "overrides": o, "mixers": list(m)} for n, o, m in CAUSE_VARIANTS],
-            "runs": runs, "jobs": jobs, "wall_s": round(time.perf_counter() - started, 1),
-            "cpu_s": round(time.process_time() - cpu_started + sum(r["cpu_s"] for r in runs) * (jobs > 1), 1)}
+            "runs": runs, "jobs": jobs, "wall_s": round(time.perf_counter() - started, 1), "cpu_s": round(cpu_s, 1)}
 
 
 def run_ablation(preset_name: str, device: str = "auto", progress: bool = True, command: str | None = None) -> dict:
@@ -898,6 +900,23 @@ def _require(obj: dict, spec: dict, where: str) -> None:
             raise TypeError(f"{where}[{key!r}] must be {kind}, got {obj[key]!r}")
 
 
+def _check_recall_run(run: dict, where: str) -> None:
+    """One MQAR run's record (of the recall or the cause experiment): fields, mixer, curve, final figures."""
+    _require(run, _RECALL_RUN, where)
+    if run["mixer"] not in MIXERS and run["mixer"] != "fla-gla":
+        raise ValueError(f"{where}['mixer'] must be one of {tuple(MIXERS) + ('fla-gla',)}, got {run['mixer']!r}")
+    steps = [p["step"] for p in run["curve"]]
+    if not steps or steps != sorted(set(steps)):
+        raise ValueError(f"{where}['curve'] must be non-empty with increasing steps, got {steps}")
+    for p in run["curve"]:
+        _require(p, {"step": int, "train_loss": (int, float), "accuracy": (int, float), "loss": (int, float)},
+                 f"{where}['curve']")
+        if not 0.0 <= p["accuracy"] <= 1.0:
+            raise ValueError(f"{where}: accuracy {p['accuracy']} outside [0, 1]")
+    if run["final_accuracy"] != run["curve"][-1]["accuracy"]:
+        raise ValueError(f"{where}['final_accuracy'] is not the curve's last accuracy")
+
+
 def validate_results(data: dict) -> None:
     """Check a results dict of :func:`run_recall` / :func:`run_ablation` (schema 1); ValueError naming the flaw.
 
@@ -919,21 +938,7 @@ def validate_results(data: dict) -> None:
         raise ValueError("results['runs'] is empty")
     if data["experiment"] == "recall":
         for i, run in enumerate(data["runs"]):
-            where = f"results['runs'][{i}]"
-            _require(run, _RECALL_RUN, where)
-            if run["mixer"] not in MIXERS and run["mixer"] != "fla-gla":
-                raise ValueError(f"{where}['mixer'] must be one of {tuple(MIXERS) + ('fla-gla',)}, "
-                                 f"got {run['mixer']!r}")
-            steps = [p["step"] for p in run["curve"]]
-            if not steps or steps != sorted(set(steps)):
-                raise ValueError(f"{where}['curve'] must be non-empty with increasing steps, got {steps}")
-            for p in run["curve"]:
-                _require(p, {"step": int, "train_loss": (int, float), "accuracy": (int, float),
-                             "loss": (int, float)}, f"{where}['curve']")
-                if not 0.0 <= p["accuracy"] <= 1.0:
-                    raise ValueError(f"{where}: accuracy {p['accuracy']} outside [0, 1]")
-            if run["final_accuracy"] != run["curve"][-1]["accuracy"]:
-                raise ValueError(f"{where}['final_accuracy'] is not the curve's last accuracy")
+            _check_recall_run(run, f"results['runs'][{i}]")
         if data.get("summary") != summarize_recall(data["runs"]):
             raise ValueError("results['summary'] does not match summarize_recall(results['runs'])")
     elif data["experiment"] == "cause":
@@ -942,11 +947,10 @@ def validate_results(data: dict) -> None:
             raise ValueError("results['variants'] must list the variants of the cause experiment")
         for i, run in enumerate(data["runs"]):
             where = f"results['runs'][{i}]"
-            _require(run, {**_RECALL_RUN, "variant": str, "overrides": dict}, where)
+            _require(run, {"variant": str, "overrides": dict}, where)
             if run["variant"] not in names:
                 raise ValueError(f"{where}['variant'] must be one of {names}, got {run['variant']!r}")
-            if run["final_accuracy"] != run["curve"][-1]["accuracy"]:
-                raise ValueError(f"{where}['final_accuracy'] is not the curve's last accuracy")
+            _check_recall_run(run, where)
     elif data["experiment"] == "ablation":
         for i, run in enumerate(data["runs"]):
             where = f"results['runs'][{i}]"

@@ -21,3 +21,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def flash_config():
+    """Change glalearn.flash.CONFIG for one test, restored afterwards."""
+    from glalearn import flash
+
+    saved = dict(flash.CONFIG)
+    yield flash.CONFIG
+    flash.CONFIG.clear()
+    flash.CONFIG.update(saved)

@@ -115,17 +115,6 @@ def test_interpreter_is_on_in_ci():
     assert flash.interpreter_active()
 
 
-@pytest.fixture
-def flash_config():
-    """Change glalearn.flash.CONFIG for one test, restored afterwards."""
-    from glalearn import flash
-
-    saved = dict(flash.CONFIG)
-    yield flash.CONFIG
-    flash.CONFIG.clear()
-    flash.CONFIG.update(saved)
-
-
 @pytest.mark.parametrize("materialize", [True, False])
 def test_secondary_path_alone_is_exact(flash_config, materialize):
     """span_max = -1 sends every chunk down the secondary-level path: still exact, mild gates too."""

@@ -45,17 +45,6 @@ def _run(inputs, materialize, with_grads=True):
     return (o, o_ref), (s, s_ref), grads
 
 
-@pytest.fixture
-def flash_config():
-    """Change glalearn.flash.CONFIG for one test, restored afterwards."""
-    from glalearn import flash
-
-    saved = dict(flash.CONFIG)
-    yield flash.CONFIG
-    flash.CONFIG.clear()
-    flash.CONFIG.update(saved)
-
-
 @pytest.fixture(params=["sequential", "segmented"])
 def backward(request, flash_config):
     """Each test that takes it runs through both backwards (CONFIG["bwd_segmented"] False and True)."""
